@@ -1,0 +1,180 @@
+"""Checkpoints on disk: safetensors only, written atomically, never unpickled.
+
+- weights (``init.safetensors``, ``final.safetensors``, ``checkpoints/step-N/model.safetensors``): the model's
+  ``named_parameters()`` (tied weights once), keyed by name;
+- resumable training state (``checkpoints/step-N/``): model, optimizer tensors (``optimizer.safetensors``), and
+  ``state.json`` with the optimizer's scalars and parameter groups, the scheduler, RNG states and the position in
+  the data order. The folder is written under a temporary name and renamed, so a listed checkpoint is complete.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from landscape.atomic import write_json, write_with
+from landscape.errors import CheckpointError
+from landscape.models import check_compatible
+
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
+CHECKPOINT_PREFIX = "step-"
+
+
+def model_parameters(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The model's parameters keyed by name, tied weights once (``named_parameters`` de-duplicates)."""
+    return {name: param for name, param in model.named_parameters()}
+
+
+def save_weights(path: str | Path, model: nn.Module, metadata: dict[str, str] | None = None) -> None:
+    """Write the model's parameters to ``path`` (safetensors) atomically."""
+    tensors = {name: param.detach().contiguous().clone() for name, param in model_parameters(model).items()}
+    write_with(path, lambda tmp: save_file(tensors, str(tmp), metadata={"format": "pt", **(metadata or {})}))
+
+
+def read_safetensors(path: str | Path) -> dict[str, torch.Tensor]:
+    """Read a safetensors file; anything else (a pickle, a missing file) is refused with a clear message."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {path} does not exist; expected a .safetensors file or a run directory")
+    with open(path, "rb") as handle:
+        head = handle.read(9)
+    if path.suffix.lower() in PICKLE_SUFFIXES or head[:2] == b"PK" or head[:1] == b"\x80":
+        raise CheckpointError(
+            f"checkpoint {path} is a pickle file; only safetensors are loaded (pickles can run arbitrary code)"
+        )
+    if len(head) < 9 or head[8:9] != b"{":
+        raise CheckpointError(f"checkpoint {path} is not a safetensors file")
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise CheckpointError(f"checkpoint {path} is not a readable safetensors file: {exc}") from exc
+
+
+def load_weights_into(model: nn.Module, path: str | Path) -> None:
+    """Copy the weights stored at ``path`` into ``model`` after checking names and shapes match."""
+    found = read_safetensors(path)
+    params = model_parameters(model)
+    check_compatible(params, found, str(path))
+    with torch.no_grad():
+        for name, param in params.items():
+            param.copy_(found[name])
+
+
+# --- resumable training state -------------------------------------------------------------------------------
+
+
+def _split_optimizer_state(state_dict: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Separate an optimizer ``state_dict`` into tensors (for safetensors) and JSON-able scalars."""
+    tensors: dict[str, torch.Tensor] = {}
+    scalars: dict[str, dict[str, Any]] = {}
+    for index, entry in state_dict["state"].items():
+        for key, value in entry.items():
+            if isinstance(value, torch.Tensor):
+                tensors[f"{index}/{key}"] = value.detach().contiguous().clone()
+            else:
+                scalars.setdefault(str(index), {})[key] = value
+    return tensors, {"scalars": scalars, "param_groups": state_dict["param_groups"]}
+
+
+def _join_optimizer_state(tensors: dict[str, torch.Tensor], rest: dict[str, Any]) -> dict[str, Any]:
+    state: dict[int, dict[str, Any]] = {}
+    for key, value in tensors.items():
+        index, name = key.split("/", 1)
+        state.setdefault(int(index), {})[name] = value
+    for index, entry in rest["scalars"].items():
+        state.setdefault(int(index), {}).update(entry)
+    return {"state": state, "param_groups": rest["param_groups"]}
+
+
+def rng_state() -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Global RNG states (torch, numpy, python) as tensors + JSON."""
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    tensors = {"torch": torch.get_rng_state(), "numpy": torch.from_numpy(np.asarray(keys, dtype=np.uint32).copy())}
+    rest = {"numpy": [kind, int(pos), int(has_gauss), float(cached)], "python": _to_json(random.getstate())}
+    return tensors, rest
+
+
+def set_rng_state(tensors: dict[str, torch.Tensor], rest: dict[str, Any]) -> None:
+    torch.set_rng_state(tensors["torch"])
+    kind, pos, has_gauss, cached = rest["numpy"]
+    np.random.set_state((kind, tensors["numpy"].numpy(), pos, has_gauss, cached))
+    random.setstate(_from_json(rest["python"]))
+
+
+def _to_json(value: Any) -> Any:
+    return [_to_json(v) for v in value] if isinstance(value, tuple | list) else value
+
+
+def _from_json(value: Any) -> Any:
+    return tuple(_from_json(v) for v in value) if isinstance(value, list) else value
+
+
+def save_training_state(
+    folder: Path,
+    step: int,
+    *,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    extra: dict[str, Any],
+    keep: int,
+) -> Path:
+    """Write ``folder/step-<step>/`` atomically (temporary folder, then rename) and keep the newest ``keep``."""
+    folder.mkdir(parents=True, exist_ok=True)
+    final = folder / f"{CHECKPOINT_PREFIX}{step:08d}"
+    tmp = folder / f".tmp-{CHECKPOINT_PREFIX}{step:08d}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    save_weights(tmp / "model.safetensors", model)
+    opt_tensors, opt_rest = _split_optimizer_state(optimizer.state_dict())
+    rng_tensors, rng_rest = rng_state()
+    tensors = {f"optimizer/{k}": v for k, v in opt_tensors.items()}
+    tensors.update({f"rng/{k}": v for k, v in rng_tensors.items()})
+    write_with(tmp / "state.safetensors", lambda path: save_file(tensors, str(path)))
+    write_json(
+        tmp / "state.json",
+        {"step": step, "optimizer": opt_rest, "scheduler": scheduler.state_dict(), "rng": rng_rest, **extra},
+    )
+    shutil.rmtree(final, ignore_errors=True)
+    tmp.rename(final)
+    for old in list_checkpoints(folder)[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def list_checkpoints(folder: Path) -> list[Path]:
+    """Complete checkpoint folders under ``folder``, oldest first."""
+    if not folder.is_dir():
+        return []
+    found = [p for p in folder.iterdir() if p.is_dir() and p.name.startswith(CHECKPOINT_PREFIX)]
+    return sorted(found, key=lambda p: int(p.name[len(CHECKPOINT_PREFIX) :]))
+
+
+def load_training_state(
+    checkpoint: Path,
+    *,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+) -> dict[str, Any]:
+    """Restore model, optimizer, scheduler and RNG from ``checkpoint``; return the JSON part (step, extra)."""
+    load_weights_into(model, checkpoint / "model.safetensors")
+    tensors = read_safetensors(checkpoint / "state.safetensors")
+    try:
+        meta = json.loads((checkpoint / "state.json").read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise CheckpointError(f"checkpoint {checkpoint} has no readable state.json: {exc}") from exc
+    opt_tensors = {k.removeprefix("optimizer/"): v for k, v in tensors.items() if k.startswith("optimizer/")}
+    optimizer.load_state_dict(_join_optimizer_state(opt_tensors, meta["optimizer"]))
+    scheduler.load_state_dict(meta["scheduler"])
+    set_rng_state({k.removeprefix("rng/"): v for k, v in tensors.items() if k.startswith("rng/")}, meta["rng"])
+    return meta

@@ -1,0 +1,63 @@
+"""The ``landscape`` command: one module per subcommand, each exporting ``add_parser`` and ``run``.
+
+User errors (:class:`landscape.errors.LandscapeError`) print one line and exit with status 2; an interruption
+exits with 130; anything else is a bug and prints one line plus a hint to get the traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Sequence
+
+from landscape import __version__
+from landscape.cli import env as env_cmd
+from landscape.cli import eval as eval_cmd
+from landscape.cli import train as train_cmd
+from landscape.errors import LandscapeError
+
+COMMANDS = (train_cmd, eval_cmd, env_cmd)
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # one line, exit status 2, as for every other user error
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="landscape", description=__doc__.splitlines()[0])
+    parser.add_argument("--version", action="version", version=f"landscape {__version__}")
+    subparsers = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    for command in COMMANDS:
+        command.add_parser(subparsers)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.run(args) or 0)
+    except LandscapeError as exc:
+        print(f"landscape {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except BrokenPipeError:  # output piped into e.g. `head`, which closed early
+        sys.stderr.close()
+        return 0
+    except KeyboardInterrupt:
+        print(f"landscape {args.command}: interrupted; rerun with --resume to continue", file=sys.stderr)
+        return 130
+    except Exception as exc:
+        if os.environ.get("LANDSCAPE_DEBUG"):
+            raise
+        print(
+            f"landscape {args.command}: internal error: {type(exc).__name__}: {exc} "
+            "(set LANDSCAPE_DEBUG=1 for the traceback)",
+            file=sys.stderr,
+        )
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

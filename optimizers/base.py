@@ -1,0 +1,67 @@
+"""Base optimizers with the usual fine-tuning parameter groups.
+
+Weight decay applies to matrices (weights of linear layers and embeddings) and never to biases or LayerNorm
+parameters. AdamW's decay is decoupled (Loshchilov & Hutter); Adam, AMSGrad, Adagrad and SGD use torch's
+coupled L2 ``weight_decay`` with the same groups.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+from torch import nn
+
+from landscape.errors import ConfigError
+
+BASE_OPTIMIZERS = ("adamw", "adam", "amsgrad", "adagrad", "sgd")
+
+
+def is_no_decay(name: str, param: torch.Tensor) -> bool:
+    """Biases and normalisation parameters (all 1-D tensors, and anything named like a LayerNorm) get no decay."""
+    lowered = name.lower()
+    return param.ndim < 2 or lowered.endswith("bias") or "layernorm" in lowered or "layer_norm" in lowered
+
+
+def parameter_groups(named_parameters: Iterable[tuple[str, nn.Parameter]], weight_decay: float) -> list[dict]:
+    """Two groups: ``decay`` (weight_decay) and ``no_decay`` (0.0); frozen parameters are left out."""
+    decay, no_decay = [], []
+    for name, param in named_parameters:
+        if param.requires_grad:
+            (no_decay if is_no_decay(name, param) else decay).append(param)
+    groups = [{"params": decay, "weight_decay": weight_decay, "name": "decay"}]
+    groups.append({"params": no_decay, "weight_decay": 0.0, "name": "no_decay"})
+    return [group for group in groups if group["params"]]
+
+
+def make_base_optimizer(
+    name: str,
+    model: nn.Module,
+    *,
+    lr: float,
+    weight_decay: float = 0.01,
+    momentum: float = 0.9,
+    betas: tuple[float, float] = (0.9, 0.999),
+    eps: float = 1e-8,
+) -> torch.optim.Optimizer:
+    """Build the base optimizer ``name`` (one of :data:`BASE_OPTIMIZERS`) over ``model``'s trainable parameters."""
+    if name not in BASE_OPTIMIZERS:
+        raise ConfigError(f"optimizer {name!r} is unknown; expected one of {', '.join(BASE_OPTIMIZERS)}")
+    if not lr > 0:
+        raise ConfigError(f"learning rate must be > 0, got {lr}")
+    if weight_decay < 0:
+        raise ConfigError(f"weight decay must be >= 0, got {weight_decay}")
+    groups = parameter_groups(model.named_parameters(), weight_decay)
+    if not groups:
+        raise ConfigError("the model has no trainable parameters")
+    if name == "adamw":
+        return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps)
+    if name == "adam":
+        return torch.optim.Adam(groups, lr=lr, betas=betas, eps=eps)
+    if name == "amsgrad":
+        return torch.optim.Adam(groups, lr=lr, betas=betas, eps=eps, amsgrad=True)
+    if name == "adagrad":
+        return torch.optim.Adagrad(groups, lr=lr, eps=1e-10)
+    if not 0 <= momentum < 1:
+        raise ConfigError(f"SGD momentum must be in [0, 1), got {momentum}")
+    return torch.optim.SGD(groups, lr=lr, momentum=momentum)

@@ -1,0 +1,65 @@
+"""Shared fixtures: a tiny BERT built from a config (never downloaded) and small task files in GLUE layout."""
+
+from __future__ import annotations
+
+import os
+import random
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = REPO.parent / "shared" / "data"
+
+POSITIVE = ["good", "great", "fine", "lovely", "superb", "happy", "warm", "bright"]
+NEGATIVE = ["bad", "awful", "poor", "dull", "sad", "cold", "grim", "dark"]
+FILLER = ["the", "movie", "was", "really", "quite", "a", "story", "and", "film", "plot"]
+
+
+@pytest.fixture(autouse=True)
+def _isolated_cache(tmp_path_factory, monkeypatch):
+    """Tokenisation caches go to a per-session temporary folder, never the user's home."""
+    monkeypatch.setenv("LANDSCAPE_CACHE_DIR", str(tmp_path_factory.getbasetemp() / "token-cache"))
+    monkeypatch.delenv("LANDSCAPE_DATA_DIR", raising=False)
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory) -> Path:
+    from landscape.models import build_tiny_model_folder
+
+    return build_tiny_model_folder(tmp_path_factory.mktemp("tiny-bert"))
+
+
+def sentiment_rows(count: int, seed: int) -> list[tuple[str, int]]:
+    """Synthetic SST-2-like sentences whose label is carried by one sentiment word."""
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(count):
+        label = rng.randint(0, 1)
+        words = [*rng.sample(FILLER, 4), rng.choice(POSITIVE if label else NEGATIVE)]
+        rng.shuffle(words)
+        rows.append((" ".join(words), label))
+    return rows
+
+
+def write_sst2(root: Path, train: int = 48, dev: int = 16) -> Path:
+    folder = root / "glue" / "SST-2"
+    folder.mkdir(parents=True, exist_ok=True)
+    for name, count, seed in (("train.tsv", train, 1), ("dev.tsv", dev, 2)):
+        lines = ["sentence\tlabel"] + [f"{text}\t{label}" for text, label in sentiment_rows(count, seed)]
+        (folder / name).write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return root
+
+
+@pytest.fixture(scope="session")
+def tiny_data_dir(tmp_path_factory) -> Path:
+    return write_sst2(tmp_path_factory.mktemp("data"))
+
+
+@pytest.fixture(scope="session")
+def shared_data_dir() -> Path:
+    if not (SHARED_DATA / "glue").is_dir():
+        pytest.skip(f"real data not found at {SHARED_DATA}")
+    return SHARED_DATA

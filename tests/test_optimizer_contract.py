@@ -1,0 +1,118 @@
+"""The closure contract and base optimizers, against plain torch loops written out here."""
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from landscape.errors import ConfigError
+from optimizers import BASE_OPTIMIZERS, ClosureOptimizer, NonFiniteLossError, make_base_optimizer, parameter_groups
+
+
+class TinyNet(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(10, 4)
+        self.linear = nn.Linear(4, 3)
+        self.LayerNorm = nn.LayerNorm(3)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.LayerNorm(self.linear(self.embed(ids).mean(1)))
+
+
+def make_batch(seed: int):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, 10, (6, 5), generator=g), torch.randint(0, 3, (6,), generator=g)
+
+
+def per_example(model, ids, labels):
+    return nn.functional.cross_entropy(model(ids), labels, reduction="none")
+
+
+def test_groups_exclude_biases_and_layernorm_from_decay():
+    net = TinyNet()
+    groups = parameter_groups(net.named_parameters(), 0.01)
+    names = {id(p): n for n, p in net.named_parameters()}
+    decay = {names[id(p)] for p in groups[0]["params"]}
+    no_decay = {names[id(p)] for p in groups[1]["params"]}
+    assert decay == {"embed.weight", "linear.weight"}
+    assert no_decay == {"linear.bias", "LayerNorm.weight", "LayerNorm.bias"}
+    assert groups[0]["weight_decay"] == 0.01 and groups[1]["weight_decay"] == 0.0
+
+
+@pytest.mark.parametrize("name", BASE_OPTIMIZERS)
+@pytest.mark.parametrize("clip", [None, 0.05])
+def test_closure_step_equals_plain_torch_loop(name, clip):
+    torch.manual_seed(0)
+    ours_net = TinyNet()
+    ref_net = copy.deepcopy(ours_net)
+    ours = ClosureOptimizer(make_base_optimizer(name, ours_net, lr=0.1), max_grad_norm=clip)
+    ref = make_base_optimizer(name, ref_net, lr=0.1)
+    for step in range(5):
+        ids, labels = make_batch(step)
+        ours.step(lambda ids=ids, labels=labels: per_example(ours_net, ids, labels))
+        ref.zero_grad()
+        per_example(ref_net, ids, labels).mean().backward()
+        if clip is not None:
+            torch.nn.utils.clip_grad_norm_(list(ref_net.parameters()), clip)
+        ref.step()
+    for (name_a, a), (_, b) in zip(ours_net.named_parameters(), ref_net.named_parameters(), strict=True):
+        assert torch.equal(a, b), name_a
+
+
+def test_scheduler_acts_on_the_base_and_state_dict_round_trips():
+    net = TinyNet()
+    base = make_base_optimizer("adamw", net, lr=1.0)
+    opt = ClosureOptimizer(base)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5**s)
+    ids, labels = make_batch(0)
+    opt.step(lambda: per_example(net, ids, labels))
+    sched.step()
+    assert base.param_groups[0]["lr"] == 0.5 and opt.param_groups is base.param_groups
+    saved = copy.deepcopy(opt.state_dict())
+    twin_net = copy.deepcopy(net)
+    twin = ClosureOptimizer(make_base_optimizer("adamw", twin_net, lr=1.0))
+    twin.load_state_dict(saved)
+    assert twin.state is twin.base.state and twin.param_groups is twin.base.param_groups
+    assert twin.param_groups[0]["lr"] == 0.5
+    ids, labels = make_batch(1)
+    opt.step(lambda: per_example(net, ids, labels))
+    twin.step(lambda: per_example(twin_net, ids, labels))
+    for a, b in zip(net.parameters(), twin_net.parameters(), strict=True):
+        assert torch.equal(a, b)
+
+
+def test_non_finite_loss_is_reported_and_weights_untouched():
+    net = TinyNet()
+    before = [p.detach().clone() for p in net.parameters()]
+    opt = ClosureOptimizer(make_base_optimizer("sgd", net, lr=0.1))
+    ids, labels = make_batch(0)
+    with pytest.raises(NonFiniteLossError, match="not finite"):
+        opt.step(lambda: per_example(net, ids, labels) * float("nan"))
+    assert all(torch.equal(a, b) for a, b in zip(before, net.parameters(), strict=True))
+
+
+def test_closure_must_return_per_example_losses():
+    net = TinyNet()
+    opt = ClosureOptimizer(make_base_optimizer("sgd", net, lr=0.1))
+    ids, labels = make_batch(0)
+    with pytest.raises(ValueError, match=r"shape \[B\]"):
+        opt.step(lambda: per_example(net, ids, labels).mean())
+    with pytest.raises(ValueError, match="needs a closure"):
+        opt.step()
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"lr": 0.0}, "learning rate"),
+        ({"lr": 1e-3, "weight_decay": -1.0}, "weight decay"),
+        ({"lr": -1}, "learning rate"),
+    ],
+)
+def test_bad_hyper_parameters_are_refused(kwargs, message):
+    with pytest.raises(ConfigError, match=message):
+        make_base_optimizer("adamw", TinyNet(), **kwargs)
+    with pytest.raises(ConfigError, match="expected one of"):
+        make_base_optimizer("lamb", TinyNet(), lr=1e-3)
