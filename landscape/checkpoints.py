@@ -2,9 +2,10 @@
 
 - weights (``init.safetensors``, ``final.safetensors``, ``checkpoints/step-N/model.safetensors``): the model's
   ``named_parameters()`` (tied weights once), keyed by name;
-- resumable training state (``checkpoints/step-N/``): model, optimizer tensors (``optimizer.safetensors``), and
-  ``state.json`` with the optimizer's scalars and parameter groups, the scheduler, RNG states and the position in
-  the data order. The folder is written under a temporary name and renamed, so a listed checkpoint is complete.
+- resumable training state (``checkpoints/step-N/``): ``model.safetensors``; ``state.safetensors`` with every
+  tensor of the optimizer's state and the RNG states; ``state.json`` with the rest (optimizer scalars and parameter
+  groups, scheduler, step, timings), tensors referenced by name. The folder is written under a temporary name
+  and renamed, so a listed checkpoint is complete.
 """
 
 from __future__ import annotations
@@ -72,27 +73,40 @@ def load_weights_into(model: nn.Module, path: str | Path) -> None:
 # --- resumable training state -------------------------------------------------------------------------------
 
 
-def _split_optimizer_state(state_dict: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """Separate an optimizer ``state_dict`` into tensors (for safetensors) and JSON-able scalars."""
+def flatten_state(tree: Any, prefix: str = "") -> tuple[dict[str, torch.Tensor], Any]:
+    """Split a nested state (dicts, lists, tensors, scalars) into tensors keyed by path and a JSON skeleton.
+
+    Tensors are replaced by ``{"__tensor__": path}``; dicts with non-string keys (an optimizer's ``state`` is
+    keyed by parameter index) are stored as ``{"__items__": [[key, value], ...]}`` so the keys keep their type.
+    """
     tensors: dict[str, torch.Tensor] = {}
-    scalars: dict[str, dict[str, Any]] = {}
-    for index, entry in state_dict["state"].items():
-        for key, value in entry.items():
-            if isinstance(value, torch.Tensor):
-                tensors[f"{index}/{key}"] = value.detach().contiguous().clone()
-            else:
-                scalars.setdefault(str(index), {})[key] = value
-    return tensors, {"scalars": scalars, "param_groups": state_dict["param_groups"]}
+
+    def walk(node: Any, path: str) -> Any:
+        if isinstance(node, torch.Tensor):
+            tensors[path] = node.detach().contiguous().clone()
+            return {"__tensor__": path}
+        if isinstance(node, dict):
+            if all(isinstance(key, str) for key in node):
+                return {key: walk(value, f"{path}/{key}") for key, value in node.items()}
+            return {"__items__": [[key, walk(value, f"{path}/{key}")] for key, value in node.items()]}
+        if isinstance(node, list | tuple):
+            return [walk(value, f"{path}/{i}") for i, value in enumerate(node)]
+        return node
+
+    return tensors, walk(tree, prefix)
 
 
-def _join_optimizer_state(tensors: dict[str, torch.Tensor], rest: dict[str, Any]) -> dict[str, Any]:
-    state: dict[int, dict[str, Any]] = {}
-    for key, value in tensors.items():
-        index, name = key.split("/", 1)
-        state.setdefault(int(index), {})[name] = value
-    for index, entry in rest["scalars"].items():
-        state.setdefault(int(index), {}).update(entry)
-    return {"state": state, "param_groups": rest["param_groups"]}
+def unflatten_state(tensors: dict[str, torch.Tensor], skeleton: Any) -> Any:
+    """Inverse of :func:`flatten_state`."""
+    if isinstance(skeleton, dict):
+        if set(skeleton) == {"__tensor__"}:
+            return tensors[skeleton["__tensor__"]]
+        if set(skeleton) == {"__items__"}:
+            return {key: unflatten_state(tensors, value) for key, value in skeleton["__items__"]}
+        return {key: unflatten_state(tensors, value) for key, value in skeleton.items()}
+    if isinstance(skeleton, list):
+        return [unflatten_state(tensors, value) for value in skeleton]
+    return skeleton
 
 
 def rng_state() -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
@@ -135,9 +149,9 @@ def save_training_state(
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     save_weights(tmp / "model.safetensors", model)
-    opt_tensors, opt_rest = _split_optimizer_state(optimizer.state_dict())
+    opt_tensors, opt_rest = flatten_state(optimizer.state_dict(), "optimizer")
     rng_tensors, rng_rest = rng_state()
-    tensors = {f"optimizer/{k}": v for k, v in opt_tensors.items()}
+    tensors = dict(opt_tensors)
     tensors.update({f"rng/{k}": v for k, v in rng_tensors.items()})
     write_with(tmp / "state.safetensors", lambda path: save_file(tensors, str(path)))
     write_json(
@@ -173,8 +187,7 @@ def load_training_state(
         meta = json.loads((checkpoint / "state.json").read_text())
     except (OSError, json.JSONDecodeError) as exc:
         raise CheckpointError(f"checkpoint {checkpoint} has no readable state.json: {exc}") from exc
-    opt_tensors = {k.removeprefix("optimizer/"): v for k, v in tensors.items() if k.startswith("optimizer/")}
-    optimizer.load_state_dict(_join_optimizer_state(opt_tensors, meta["optimizer"]))
+    optimizer.load_state_dict(unflatten_state(tensors, meta["optimizer"]))
     scheduler.load_state_dict(meta["scheduler"])
     set_rng_state({k.removeprefix("rng/"): v for k, v in tensors.items() if k.startswith("rng/")}, meta["rng"])
     return meta

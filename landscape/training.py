@@ -27,6 +27,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from analyses.fisher import FISHER_MODES, empirical_fisher, fisher_mask, mask_statistics
 from landscape.atomic import write_json, write_text
 from landscape.checkpoints import (
     list_checkpoints,
@@ -42,7 +43,14 @@ from landscape.evaluation import evaluate
 from landscape.losses import per_example_loss
 from landscape.models import load_model, load_tokenizer
 from landscape.tasks import TaskSpec, get_task, load_split, resolve_data_dir, subsample_indices
-from optimizers import BASE_OPTIMIZERS, ClosureOptimizer, make_base_optimizer
+from optimizers import (
+    BASE_OPTIMIZERS,
+    SAM_VARIANTS,
+    BatchClosure,
+    SharpnessAware,
+    make_base_optimizer,
+    make_sharpness_optimizer,
+)
 
 # Learning rate and epochs of the FSAM paper's Table 10 (BERT rows, batch size 16, 10 % warm-up), used when the
 # user gives neither; other tasks fall back to 2e-5 and 3 epochs.
@@ -68,7 +76,7 @@ class TrainConfig:
     task: str
     model: str = "minilm"
     data_dir: str | None = None
-    out: str | None = None  # default: runs/<task>-<optimizer>-seed<seed>
+    out: str | None = None  # default: runs/<task>-[<sam>-]<optimizer>-seed<seed>
     optimizer: str = "adamw"
     lr: float | None = None  # default: FSAM Table 10 for the task
     batch_size: int = 16
@@ -87,6 +95,24 @@ class TrainConfig:
     keep_checkpoints: int = 1
     eval_batch_size: int = 64
     dropout: float | None = None  # None: the model config's dropout
+    # --- the sharpness-aware family (optimizers.family); "none" is the base optimizer alone
+    sam: str = "none"
+    rho: float = 0.05
+    eta: float = 0.01  # ASAM: T = |w| + eta
+    ascent_fraction: float = 1.0  # efficient SAM: ascent on this fraction of the batch
+    m_sharpness: int = 1  # m disjoint ascent micro-batches
+    exact_rho: bool = False  # Fisher mask: normalise after masking (||eps|| = rho) instead of Eq. 6
+    same_dropout: bool = False  # replay the ascent's dropout masks in the descent pass
+    sparsity: float = 0.9  # FSAM s: perturb the top (1 - s) of coordinates by empirical Fisher
+    mask_interval: int = 100  # FSAM F_i: refresh the mask every this many steps
+    fisher_samples: int = 128  # FSAM N_Fisher
+    fisher_mode: str = "per-example"  # "per-example" (paper Eq. 9) or "batch-mean" (authors' code)
+    fisher_mask: bool = False  # apply the Fisher mask to another variant (F-ESAM, F-GSAM, ...); implied by fsam
+    beta: float = 5.0  # delta-SAM beta
+    gsam_alpha: float = 0.1
+    rho_min: float = 0.0  # GSAM: rho at learning rate 0
+    esam_beta: float = 0.6  # ESAM: probability of perturbing a coordinate
+    esam_gamma: float = 0.5  # ESAM: fraction of the batch selected for the descent
 
     def resolved(self) -> TrainConfig:
         """Fill the task-dependent defaults (lr, epochs, out) and validate every value."""
@@ -99,7 +125,8 @@ class TrainConfig:
             epochs=self.epochs if self.epochs is not None else epochs,
         )
         if config.out is None:
-            config = replace(config, out=f"runs/{task.name}-{config.optimizer}-seed{config.seed}")
+            variant = "" if config.sam == "none" else f"{config.sam}-"
+            config = replace(config, out=f"runs/{task.name}-{variant}{config.optimizer}-seed{config.seed}")
         config.validate()
         return config
 
@@ -135,6 +162,21 @@ class TrainConfig:
             raise ConfigError(f"optimizer {self.optimizer!r} is unknown; expected one of {', '.join(BASE_OPTIMIZERS)}")
         if self.dropout is not None and not 0 <= self.dropout < 1:
             raise ConfigError(f"dropout must be in [0, 1), got {self.dropout}")
+        if self.sam not in SAM_VARIANTS:
+            raise ConfigError(f"sam {self.sam!r} is unknown; expected one of {', '.join(SAM_VARIANTS)}")
+        if not 0 <= self.sparsity < 1:
+            raise ConfigError(f"sparsity must be in [0, 1), got {self.sparsity}")
+        for name in ("mask_interval", "fisher_samples"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"{name} must be > 0, got {getattr(self, name)}")
+        if self.fisher_mode not in FISHER_MODES:
+            raise ConfigError(f"fisher_mode {self.fisher_mode!r} is unknown; expected one of {', '.join(FISHER_MODES)}")
+        if self.uses_fisher_mask and self.sam == "none":
+            raise ConfigError("fisher_mask needs a sharpness-aware variant (--sam); it masks the perturbation")
+
+    @property
+    def uses_fisher_mask(self) -> bool:
+        return self.sam == "fsam" or self.fisher_mask
 
 
 @dataclass(frozen=True)
@@ -351,7 +393,23 @@ def train(
     base = make_base_optimizer(
         config.optimizer, model, lr=config.lr, weight_decay=config.weight_decay, momentum=config.momentum
     )
-    optimizer = ClosureOptimizer(base, max_grad_norm=config.max_grad_norm)
+    optimizer = make_sharpness_optimizer(
+        config.sam,
+        base,
+        rho=config.rho,
+        eta=config.eta,
+        ascent_fraction=config.ascent_fraction,
+        m_sharpness=config.m_sharpness,
+        exact_rho=config.exact_rho,
+        esam_beta=config.esam_beta,
+        esam_gamma=config.esam_gamma,
+        beta=config.beta,
+        gsam_alpha=config.gsam_alpha,
+        rho_min=config.rho_min,
+        same_dropout=config.same_dropout,
+        seed=config.seed,
+        max_grad_norm=config.max_grad_norm,
+    )
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, linear_schedule(warmup_steps, total_steps))
 
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -402,17 +460,25 @@ def train(
     dev_metrics: dict[str, float] = {}
     for step in range(start_step, total_steps):
         tick = time.perf_counter()
-        batch = collate(
-            data.train, batch_indices(len(data.train), config.batch_size, config.seed, step), data.pad_token_id
-        )
+        if config.uses_fisher_mask and step % config.mask_interval == 0:
+            log.append(refresh_fisher_mask(model, optimizer, data, config, step))
+        indices = batch_indices(len(data.train), config.batch_size, config.seed, step)
+        batch = collate(data.train, indices, data.pad_token_id)
         lr = optimizer.param_groups[0]["lr"]
-        losses = optimizer.step(lambda batch=batch: per_example_loss(model, batch))
+        losses = optimizer.step(batch_closure(model, batch))
         scheduler.step()
         train_seconds += time.perf_counter() - tick
         done = step + 1
-        log.append(
-            {"kind": "train", "step": done, "epoch": step // steps_per_epoch, "loss": float(losses.mean()), "lr": lr}
-        )
+        record = {
+            "kind": "train",
+            "step": done,
+            "epoch": step // steps_per_epoch,
+            "loss": float(losses.mean()),
+            "lr": lr,
+        }
+        if isinstance(optimizer, SharpnessAware):
+            record.update(rho=optimizer.last.rho, perturbation_norm=optimizer.last.perturbation_norm)
+        log.append(record)
         bar.update(1)
         bar.set_postfix(loss=f"{float(losses.mean()):.4f}", lr=f"{lr:.2e}")
         if config.eval_every and done % config.eval_every == 0 and done < total_steps:
@@ -457,6 +523,38 @@ def train(
     # The resumable state only serves an unfinished run; a completed one keeps θ0, θ1 and its metrics.
     shutil.rmtree(checkpoints_dir, ignore_errors=True)
     return TrainResult(run_dir, dev_metrics, total_steps, resumed_from)
+
+
+def batch_closure(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> BatchClosure:
+    """The closure the optimizer calls: per-example losses of ``batch`` or of its rows ``indices``."""
+
+    def losses_of(indices: torch.Tensor | None) -> torch.Tensor:
+        rows = batch if indices is None else {key: value[indices] for key, value in batch.items()}
+        return per_example_loss(model, rows)
+
+    return BatchClosure(losses_of, int(batch["labels"].shape[0]))
+
+
+def refresh_fisher_mask(
+    model: torch.nn.Module, optimizer: SharpnessAware, data: PreparedData, config: TrainConfig, step: int
+) -> dict[str, Any]:
+    """FSAM Algorithm 1, lines 6–11: empirical Fisher on N_Fisher sampled training examples, top-(1−s) mask.
+
+    The examples are drawn without replacement from a generator seeded by (seed, step), so a resumed run draws the
+    same ones. The Fisher is computed without touching ``.grad``. Returns the record logged to ``metrics.jsonl``.
+    """
+    count = min(config.fisher_samples, len(data.train))
+    chosen = np.random.default_rng([config.seed, step, 1]).choice(len(data.train), size=count, replace=False)
+    batches = [
+        collate(data.train, chosen[start : start + config.batch_size], data.pad_token_id)
+        for start in range(0, count, config.batch_size)
+    ]
+    fisher = empirical_fisher(model, batches, mode=config.fisher_mode)
+    mask = fisher_mask(fisher.diagonal, config.sparsity)
+    previous = optimizer.mask_by_name(model.named_parameters()) or None
+    optimizer.set_mask(mask, model.named_parameters())
+    # Logged under the 1-based number of the step that first uses the mask, like the train records.
+    return {"kind": "mask", "step": step + 1, "fisher_mode": config.fisher_mode, **mask_statistics(mask, previous)}
 
 
 class TrainingInterrupted(LandscapeError):

@@ -13,6 +13,19 @@ from collections.abc import Callable
 import torch
 
 
+class BatchClosure:
+    """The closure of one batch: ``closure(indices=None)`` -> per-example losses of the batch (or of its rows
+    ``indices``), shape [B'], graph attached. ``size`` is B, so an optimizer can choose micro-batches without a forward.
+    """
+
+    def __init__(self, losses_of: Callable[[torch.Tensor | None], torch.Tensor], size: int) -> None:
+        self.losses_of = losses_of
+        self.size = size
+
+    def __call__(self, indices: torch.Tensor | None = None) -> torch.Tensor:
+        return self.losses_of(indices)
+
+
 class NonFiniteLossError(FloatingPointError):
     """The closure returned a NaN or infinite loss; stepping over it would silently corrupt the weights."""
 

@@ -6,9 +6,10 @@ import argparse
 import dataclasses
 import json
 
+from analyses.fisher import FISHER_MODES
 from landscape.config import build_config, load_yaml, parse_overrides
 from landscape.training import TrainConfig, train
-from optimizers import BASE_OPTIMIZERS
+from optimizers import BASE_OPTIMIZERS, SAM_VARIANTS
 
 HELP = {
     "task": "task name, case-insensitive (cola, sst2, mrpc, stsb, qqp, mnli, qnli, rte, wnli, boolq, cb, wic, ...)",
@@ -33,8 +34,25 @@ HELP = {
     "keep_checkpoints": "how many resumable checkpoints to keep",
     "eval_batch_size": "evaluation batch size",
     "dropout": "override the model's hidden and attention dropout",
+    "sam": "sharpness-aware variant wrapping the base optimizer (none: the base optimizer alone)",
+    "rho": "SAM neighbourhood radius rho (GSAM: its peak)",
+    "eta": "ASAM: T = |w| + eta",
+    "ascent_fraction": "efficient SAM: ascent gradient from this fraction of the batch",
+    "m_sharpness": "m disjoint ascent micro-batches, descent gradients averaged",
+    "exact_rho": "Fisher mask: normalise after masking so ||eps|| = rho (default: FSAM Eq. 6, ||eps|| <= rho)",
+    "same_dropout": "replay the ascent pass's dropout masks in the descent pass",
+    "sparsity": "FSAM s: perturb only the top (1 - s) of coordinates by empirical Fisher",
+    "mask_interval": "FSAM F_i: refresh the Fisher mask every N steps",
+    "fisher_samples": "FSAM N_Fisher: training examples per Fisher estimate",
+    "fisher_mode": "per-example (FSAM Eq. 9) or batch-mean (square of the mean gradient, as the authors' code)",
+    "fisher_mask": "apply the Fisher mask to another variant (F-ESAM, F-GSAM, ...)",
+    "beta": "delta-SAM beta (Eq. 5)",
+    "gsam_alpha": "GSAM alpha",
+    "rho_min": "GSAM: rho at learning rate 0",
+    "esam_beta": "ESAM: probability of perturbing each coordinate",
+    "esam_gamma": "ESAM: fraction of the batch used for the descent",
 }
-TYPES = {int: int, float: float, str: str}
+CHOICES = {"optimizer": BASE_OPTIMIZERS, "sam": SAM_VARIANTS, "fisher_mode": FISHER_MODES}
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -48,8 +66,11 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         flag = "--" + field.name.replace("_", "-")
         kind = _base_type(field.type)
         kwargs: dict = {"default": None, "help": HELP.get(field.name, "")}
-        if field.name == "optimizer":
-            kwargs["choices"] = BASE_OPTIMIZERS
+        if kind is bool:
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, **kwargs)
+            continue
+        if field.name in CHOICES:
+            kwargs["choices"] = CHOICES[field.name]
         parser.add_argument(flag, type=kind, **kwargs)
     parser.add_argument("--config", help="YAML file of options (keys as the flags, with _ or -)")
     parser.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
@@ -62,7 +83,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
 def _base_type(annotation: object) -> type:
     text = str(annotation)
-    for name, kind in (("int", int), ("float", float)):
+    for name, kind in (("int", int), ("float", float), ("bool", bool)):
         if text.startswith(name):
             return kind
     return str
