@@ -31,12 +31,10 @@ def test_precedence_defaults_yaml_flags_overrides(tmp_path):
 
 
 def test_overrides_are_typed():
-    assert parse_overrides(["lr=3e-5", "epochs=2", "model=minilm", "dropout=null"]) == {
-        "lr": 3e-5,
-        "epochs": 2,
-        "model": "minilm",
-        "dropout": None,
-    }
+    overrides = parse_overrides(["task=mrpc", "lr=3e-5", "epochs=2", "model=minilm", "dropout=null"])
+    config = build_config(TrainConfig, overrides)
+    assert (config.lr, config.epochs, config.model, config.dropout) == (3e-5, 2, "minilm", None)
+    assert isinstance(config.lr, float) and isinstance(config.epochs, int)
     with pytest.raises(ConfigError, match="key=value"):
         parse_overrides(["lr"])
 
