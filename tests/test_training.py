@@ -134,3 +134,42 @@ def test_train_fraction_subsamples_with_the_seed(config):
     result = train(replace(config, train_fraction=0.5, max_steps=2), progress=False)
     info = json.loads((result.run_dir / "run.json").read_text())
     assert info["num_train_examples"] == 24 and info["num_train_available"] == 48
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        {"sam": "fsam", "mask_interval": 3, "fisher_samples": 8, "sparsity": 0.8},
+        {"sam": "delta-sam", "beta": 3.0},
+        {"sam": "esam"},
+        {"sam": "gsam", "fisher_mask": True, "mask_interval": 5, "fisher_samples": 8},
+    ],
+    ids=["fsam", "delta-sam", "esam", "f-gsam"],
+)
+def test_sharpness_aware_runs_resume_bitwise(config, tmp_path, options):
+    """The optimizer's own generator (δ-SAM's directions, ESAM's draws) and the Fisher mask are checkpointed."""
+    config = replace(config, dropout=0.1, **options)
+    reference = train(replace(config, out=str(tmp_path / "straight")), progress=False)
+    with pytest.raises(TrainingInterrupted):
+        train(config, progress=False, stop_after_step=6)
+    resumed = train(config, resume=True, progress=False)
+    assert resumed.resumed_from == 4
+    assert_bitwise_equal(reference.run_dir / "final.safetensors", resumed.run_dir / "final.safetensors")
+    records = read_metrics(resumed.run_dir)
+    assert [r["step"] for r in records if r["kind"] == "train"] == list(range(1, 15))
+    assert records == read_metrics(reference.run_dir)
+
+
+def test_fisher_mask_refreshes_are_logged_with_the_kept_fraction(config):
+    result = train(replace(config, sam="fsam", mask_interval=5, fisher_samples=8, sparsity=0.9), progress=False)
+    masks = [r for r in read_metrics(result.run_dir) if r["kind"] == "mask"]
+    assert [r["step"] for r in masks] == [1, 6, 11]
+    assert all(r["kept_fraction"] == pytest.approx(0.1, abs=1e-5) for r in masks)
+    assert "iou" not in masks[0] and 0 <= masks[1]["iou"] <= 1
+    train_records = [r for r in read_metrics(result.run_dir) if r["kind"] == "train"]
+    assert all(0 < r["perturbation_norm"] <= config.rho * (1 + 1e-6) for r in train_records)
+
+
+def test_fisher_mask_without_a_sam_variant_is_refused(config):
+    with pytest.raises(ConfigError, match="fisher_mask needs a sharpness-aware variant"):
+        train(replace(config, fisher_mask=True), progress=False)

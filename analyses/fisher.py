@@ -1,0 +1,374 @@
+"""Diagonal empirical Fisher information and the Fisher mask of FSAM.
+
+Zhong et al. 2022, "Improving Sharpness-Aware Minimization with Fisher Mask for Better Generalization on Language
+Models" (FSAM), §3.2:
+
+* Eq. 9, the empirical Fisher: ``F̂ = (1/N) Σ_i (∇_w log p(y_i | x_i))²``, one squared gradient per example;
+* Eqs. 10–11, the mask: the ``(1 − s)·|w|`` coordinates with the largest ``F̂`` are perturbed (mask 1), the rest not.
+
+``mode="per-example"`` is Eq. 9, computed with per-example gradients vectorised by ``torch.func`` (``vmap`` over
+``grad`` of a ``functional_call``). ``mode="batch-mean"`` is what the authors' public code computes instead, the square
+of each mini-batch's mean gradient, ``(1/K) Σ_k (∇_w mean_{i∈B_k} −log p(y_i | x_i))²``; it is here to compare the two.
+
+Both run in eval mode (dropout off): the Fisher is a property of the deterministic model ``p(y | x; w)``, and only then
+do the vectorised and the looped computation agree. Nothing else about the model changes: no parameter, no
+``requires_grad`` flag, no ``.grad`` field is touched (gradients come from ``torch.func.grad`` or
+``torch.autograd.grad``, never ``backward``), so the mask can be refreshed in the middle of a training step without
+disturbing that step's gradients.
+
+What the vectorised path requires of the model (a Hugging Face sequence classifier, transformers 5):
+
+* each example is passed with a leading batch dimension of 1 inside the vmapped function;
+* the 2-D padding mask is handed to the model as a prepared 4-D additive mask ``[1, 1, 1, T]`` (0 where attended, the
+  dtype's minimum at padding). Transformers builds its own 4-D mask with a data-dependent check
+  (``padding_mask.all()``) that ``vmap`` cannot trace, and uses a prepared 4-D mask as it is;
+* either attention implementation works. SDPA has no ``vmap`` batching rule on CPU, so torch falls back to a loop over
+  the examples for the attention kernel (with a performance warning); ``attn_implementation="eager"`` avoids it.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import numbers
+import warnings
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.func import functional_call, grad, vmap
+
+from landscape.errors import ConfigError
+from landscape.losses import model_inputs
+from landscape.model_state import eval_mode
+
+FISHER_MODES = ("per-example", "batch-mean")
+
+
+@dataclass(frozen=True)
+class FisherResult:
+    """A diagonal empirical Fisher.
+
+    ``diagonal`` maps parameter names to float32 tensors of the parameters' shapes (units: squared loss per squared
+    parameter unit); ``num_examples`` is N, the examples it averages over; ``mode`` is "per-example" or "batch-mean".
+    """
+
+    diagonal: dict[str, torch.Tensor]
+    num_examples: int
+    mode: str
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Empirical Fisher
+
+
+def empirical_fisher(
+    model: nn.Module,
+    batches: Iterable[dict[str, torch.Tensor]],
+    *,
+    mode: str = "per-example",
+    chunk_size: int = 16,
+    params: Callable[[str], bool] | None = None,
+) -> FisherResult:
+    """The diagonal empirical Fisher of ``model`` over the examples of ``batches`` (FSAM Eq. 9, or its batch-mean form).
+
+    ``batches`` are collated batches (``input_ids`` [B, T], optional ``attention_mask`` / ``token_type_ids`` [B, T],
+    ``labels`` [B]); they may differ in size. ``−log p(y | x)`` is the cross-entropy for classification and, for
+    regression (one output, float labels), the Gaussian negative log-likelihood with unit variance,
+    ``0.5·(f(x) − y)²`` up to a constant, whose gradient is ``(f(x) − y)·∇f`` (half the gradient of
+    :func:`~landscape.losses.per_example_loss`'s squared error).
+
+    ``mode="per-example"`` vectorises over ``chunk_size`` examples at a time: memory grows with
+    ``chunk_size × number of parameters`` (one gradient per example of the chunk). ``params`` selects parameters by
+    name among those with ``requires_grad`` (default: all of them). The model is left exactly as it was.
+    """
+    _check_mode(mode)
+    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
+        raise ConfigError(f"chunk_size must be a positive integer, got {chunk_size!r}")
+    selected = _selected_parameters(model, params)
+    if mode == "batch-mean":
+        return _batch_mean_fisher(model, batches, selected)
+    device, dtype = _device_and_dtype(selected)
+    sums = _zeros_like_accumulators(selected)
+    count = 0
+    # grad() ignores an enclosing no_grad for its own computation; the no_grad only keeps the ordinary autograd from
+    # recording a graph through the model's real parameters.
+    with eval_mode(model), torch.no_grad(), warnings.catch_warnings():
+        # SDPA on CPU has no vmap batching rule: torch loops over it and says so at every call; the values are right.
+        warnings.filterwarnings("ignore", message="There is a performance drop", category=UserWarning)
+        detached = {name: param.detach() for name, param in selected.items()}
+        per_example_grads = vmap(grad(_example_nll_function(model, dtype)), in_dims=(None, 0))
+        for index, batch in enumerate(batches):
+            batch = _checked_batch(batch, index, device)
+            size = batch["labels"].shape[0]
+            for start in range(0, size, chunk_size):
+                chunk = {key: value[start : start + chunk_size] for key, value in batch.items()}
+                grads = per_example_grads(detached, chunk)
+                for name, total in sums.items():
+                    total.add_(grads[name].to(total.dtype).square().sum(dim=0))
+            count += size
+    return _result(sums, count, mode)
+
+
+def empirical_fisher_loop(
+    model: nn.Module,
+    batches: Iterable[dict[str, torch.Tensor]],
+    *,
+    params: Callable[[str], bool] | None = None,
+) -> FisherResult:
+    """Brute-force reference for ``empirical_fisher(mode="per-example")``: one example at a time, ordinary autograd.
+
+    Each example is the batch's row as collated (with its padding); same arguments and result as
+    :func:`empirical_fisher`.
+    """
+    selected = _selected_parameters(model, params)
+    device, _ = _device_and_dtype(selected)
+    sums = _zeros_like_accumulators(selected)
+    count = 0
+    # enable_grad: callers such as an optimizer's step() may run under no_grad.
+    with eval_mode(model), torch.enable_grad():
+        for index, batch in enumerate(batches):
+            batch = _checked_batch(batch, index, device)
+            for row in range(batch["labels"].shape[0]):
+                single = {key: value[row : row + 1] for key, value in batch.items()}
+                nll = _negative_log_likelihood(model(**model_inputs(single)).logits, single["labels"])[0]
+                _add_squared_gradient(sums, nll, selected)
+                count += 1
+    return _result(sums, count, "per-example")
+
+
+def _batch_mean_fisher(
+    model: nn.Module, batches: Iterable[dict[str, torch.Tensor]], selected: dict[str, nn.Parameter]
+) -> FisherResult:
+    """(1/K) Σ_k (∇ mean_{i∈B_k} −log p(y_i | x_i))²: the FSAM authors' code, one squared gradient per batch."""
+    device, _ = _device_and_dtype(selected)
+    sums = _zeros_like_accumulators(selected)
+    count = num_batches = 0
+    # enable_grad: callers such as an optimizer's step() may run under no_grad.
+    with eval_mode(model), torch.enable_grad():
+        for index, batch in enumerate(batches):
+            batch = _checked_batch(batch, index, device)
+            mean_nll = _negative_log_likelihood(model(**model_inputs(batch)).logits, batch["labels"]).mean()
+            _add_squared_gradient(sums, mean_nll, selected)
+            count += batch["labels"].shape[0]
+            num_batches += 1
+    if num_batches == 0:
+        raise ConfigError("no batches to compute the Fisher on; expected at least one non-empty batch")
+    # Averaged over batches, not examples: each batch contributes one squared mean gradient.
+    return FisherResult(
+        diagonal={name: (total / num_batches).to(torch.float32) for name, total in sums.items()},
+        num_examples=count,
+        mode="batch-mean",
+    )
+
+
+def _add_squared_gradient(sums: dict[str, torch.Tensor], loss: torch.Tensor, selected: dict[str, nn.Parameter]) -> None:
+    """sums[name] += (∂loss/∂parameter)², with torch.autograd.grad: gradients are returned, never put into .grad."""
+    gradients = torch.autograd.grad(loss, list(selected.values()))
+    for name, gradient in zip(selected, gradients, strict=True):
+        sums[name].add_(gradient.to(sums[name].dtype).square())
+
+
+def _negative_log_likelihood(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """−log p(y | x) per example, shape [B], up to a constant. ``logits`` [B, C]; C == 1 with float labels: regression.
+
+    Regression uses a unit-variance Gaussian, 0.5·(f − y)²: per_example_loss's squared error without the 0.5 would
+    scale the Fisher by 4 (which leaves the mask unchanged but not the Fisher values).
+    """
+    if logits.shape[-1] == 1 and labels.is_floating_point():
+        return 0.5 * (logits.squeeze(-1) - labels.to(logits.dtype)).square()
+    return F.cross_entropy(logits, labels, reduction="none")
+
+
+def _example_nll_function(model: nn.Module, dtype: torch.dtype) -> Callable[..., torch.Tensor]:
+    """f(parameters, example) -> scalar −log p(y | x) of one example (no batch dimension), for ``vmap(grad(f))``."""
+
+    def example_nll(parameters: dict[str, torch.Tensor], example: dict[str, torch.Tensor]) -> torch.Tensor:
+        # The model expects a batch: give the example a leading dimension of 1.
+        batch = {key: value.unsqueeze(0) for key, value in example.items()}
+        inputs = model_inputs(batch)
+        if "attention_mask" in inputs:
+            inputs["attention_mask"] = _additive_attention_mask(inputs["attention_mask"], dtype)
+        # Parameters not in ``parameters`` (unselected or frozen) are the module's own and act as constants.
+        logits = functional_call(model, parameters, args=(), kwargs=inputs, strict=False).logits
+        return _negative_log_likelihood(logits, batch["labels"])[0]
+
+    return example_nll
+
+
+def _additive_attention_mask(attention_mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """[B, T] 1/0 padding mask -> [B, 1, 1, T] additive mask: 0 where attended, the dtype's minimum at padding.
+
+    The same mask transformers builds for eager attention; prepared here because building it inside the model checks
+    ``mask.all()``, data-dependent control flow that ``vmap`` cannot trace. Softmax of the minimum is exactly 0.
+    """
+    keep = attention_mask.to(dtype)
+    return ((1.0 - keep) * torch.finfo(dtype).min)[:, None, None, :]
+
+
+def _check_mode(mode: str) -> None:
+    if mode not in FISHER_MODES:
+        raise ConfigError(f"Fisher mode {mode!r} is unknown; expected one of {', '.join(FISHER_MODES)}")
+
+
+def _selected_parameters(model: nn.Module, params: Callable[[str], bool] | None) -> dict[str, nn.Parameter]:
+    """Trainable parameters by name (tied weights once, as named_parameters gives them), filtered by ``params``."""
+    selected = {
+        name: param
+        for name, param in model.named_parameters()
+        if param.requires_grad and (params is None or params(name))
+    }
+    if not selected:
+        raise ConfigError("no parameters selected for the Fisher; expected at least one with requires_grad")
+    floating = [name for name, param in selected.items() if not param.is_floating_point()]
+    if floating:
+        raise ConfigError(f"parameter {floating[0]} is not floating point; the Fisher needs real-valued parameters")
+    return selected
+
+
+def _device_and_dtype(selected: dict[str, nn.Parameter]) -> tuple[torch.device, torch.dtype]:
+    first = next(iter(selected.values()))
+    return first.device, first.dtype
+
+
+def _zeros_like_accumulators(selected: dict[str, nn.Parameter]) -> dict[str, torch.Tensor]:
+    """Running sums of squared gradients, at least float32 (a float16/bfloat16 model sums in float32)."""
+    return {
+        name: torch.zeros(param.shape, dtype=torch.promote_types(param.dtype, torch.float32), device=param.device)
+        for name, param in selected.items()
+    }
+
+
+def _checked_batch(batch: Any, index: int, device: torch.device) -> dict[str, torch.Tensor]:
+    """The batch on ``device``, after checking it has ``input_ids`` and ``labels`` with one leading batch size."""
+    if not isinstance(batch, dict) or "input_ids" not in batch or "labels" not in batch:
+        keys = sorted(batch) if isinstance(batch, dict) else type(batch).__name__
+        raise ConfigError(f"batch {index} has {keys}; expected a dict with at least input_ids and labels")
+    if not all(isinstance(value, torch.Tensor) for value in batch.values()):
+        raise ConfigError(f"batch {index} holds something other than tensors; expected a dict of tensors")
+    sizes = {key: value.shape[0] if value.ndim else None for key, value in batch.items()}
+    size = sizes["labels"]
+    if not size or any(other != size for key, other in sizes.items() if key in (*model_inputs(batch), "labels")):
+        raise ConfigError(f"batch {index} has batch sizes {sizes}; expected one leading size of at least 1")
+    return {key: value.to(device) for key, value in batch.items()}
+
+
+def _result(sums: dict[str, torch.Tensor], count: int, mode: str) -> FisherResult:
+    if count == 0:
+        raise ConfigError("no examples to compute the Fisher on; expected at least one non-empty batch")
+    return FisherResult(
+        diagonal={name: (total / count).to(torch.float32) for name, total in sums.items()},
+        num_examples=count,
+        mode=mode,
+    )
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Fisher mask (FSAM Eqs. 10–11)
+
+
+def fisher_mask(diagonal: dict[str, torch.Tensor], sparsity: float) -> dict[str, torch.Tensor]:
+    """The FSAM mask: True at the k coordinates with the largest Fisher values, over all parameters together.
+
+    ``k = round((1 − s)·|w|)`` (Python's round, ties to even), ``|w|`` the number of coordinates in ``diagonal``:
+    Eq. 10 (m1, the top k) and Eq. 11 (m0, the rest). Exactly k coordinates are True; among equal values the one
+    earlier in the concatenation of the flattened tensors (in ``diagonal``'s order) wins, so ties are deterministic.
+    Returns bool tensors of the same names and shapes. ``sparsity`` s must be in [0, 1); s = 0 keeps everything.
+    """
+    s = _check_sparsity(sparsity)
+    if not diagonal:
+        raise ConfigError("the Fisher diagonal is empty; expected at least one parameter")
+    dtype = functools.reduce(torch.promote_types, (value.dtype for value in diagonal.values()))
+    flat = torch.cat([value.detach().reshape(-1).to(dtype) for value in diagonal.values()])
+    if not bool(torch.isfinite(flat).all()):
+        raise ConfigError("the Fisher diagonal has non-finite values; expected finite scores")
+    total = flat.numel()
+    k = round((1.0 - s) * total)
+    if k >= total:
+        keep = torch.ones(total, dtype=torch.bool, device=flat.device)
+    elif k == 0:
+        keep = torch.zeros(total, dtype=torch.bool, device=flat.device)
+    else:
+        # The k-th largest value is the (total − k + 1)-th smallest. Everything above it is kept; of the values equal
+        # to it, the first ones by index until k are reached (topk's own tie order is unspecified).
+        threshold = torch.kthvalue(flat, total - k + 1).values
+        above = flat > threshold
+        equal = flat == threshold
+        missing = k - int(above.sum())
+        keep = above | (equal & (torch.cumsum(equal, dim=0) <= missing))
+    pieces = torch.split(keep, [value.numel() for value in diagonal.values()])
+    return {name: piece.reshape(value.shape) for (name, value), piece in zip(diagonal.items(), pieces, strict=True)}
+
+
+def mask_statistics(mask: dict[str, torch.Tensor], previous: dict[str, torch.Tensor] | None = None) -> dict[str, Any]:
+    """Kept fractions of a mask, and its overlap with ``previous`` when given (JSON-able numbers).
+
+    Returns ``kept`` and ``total`` (coordinates), ``kept_fraction`` (overall), ``per_parameter`` (name -> kept
+    fraction); with ``previous`` also ``intersection``, ``union``, ``iou`` = |A∩B| / |A∪B| and
+    ``previous_kept_fraction`` = |A∩B| / |B|, the fraction of the previous mask's ones still kept (1.0 when ``previous``
+    keeps nothing).
+    """
+    _check_mask(mask, "mask")
+    kept = sum(int(value.sum()) for value in mask.values())
+    total = sum(value.numel() for value in mask.values())
+    stats: dict[str, Any] = {
+        "kept": kept,
+        "total": total,
+        "kept_fraction": _fraction(kept, total),
+        "per_parameter": {name: _fraction(int(value.sum()), value.numel()) for name, value in mask.items()},
+    }
+    if previous is not None:
+        intersection, union, previous_kept = _overlap(mask, previous)
+        stats["intersection"] = intersection
+        stats["union"] = union
+        stats["iou"] = _fraction(intersection, union)
+        stats["previous_kept_fraction"] = _fraction(intersection, previous_kept)
+    return stats
+
+
+def mask_iou(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
+    """Intersection over union of two masks of the same names and shapes, |A∩B| / |A∪B|; 1.0 when both are empty."""
+    _check_mask(a, "mask")
+    intersection, union, _ = _overlap(a, b)
+    return _fraction(intersection, union)
+
+
+def _overlap(mask: dict[str, torch.Tensor], previous: dict[str, torch.Tensor]) -> tuple[int, int, int]:
+    """(|A∩B|, |A∪B|, |B|) of ``mask`` A and ``previous`` B."""
+    _check_mask(previous, "previous mask")
+    if mask.keys() != previous.keys():
+        diff = sorted(set(mask) ^ set(previous))
+        raise ConfigError(f"masks have different parameters (e.g. {diff[0]}); expected the same names")
+    intersection = union = previous_kept = 0
+    for name, value in mask.items():
+        other = previous[name]
+        if value.shape != other.shape:
+            raise ConfigError(f"mask {name} has shape {tuple(value.shape)} vs {tuple(other.shape)}; expected equal")
+        other = other.to(value.device)
+        intersection += int((value & other).sum())
+        union += int((value | other).sum())
+        previous_kept += int(other.sum())
+    return intersection, union, previous_kept
+
+
+def _check_mask(mask: dict[str, torch.Tensor], what: str) -> None:
+    for name, value in mask.items():
+        if value.dtype != torch.bool:
+            raise ConfigError(f"{what} {name} has dtype {value.dtype}; expected torch.bool")
+
+
+def _fraction(part: int, whole: int) -> float:
+    # An empty whole (no coordinates, an empty union) means nothing differs: report full agreement, never NaN.
+    return part / whole if whole else 1.0
+
+
+def _check_sparsity(sparsity: float) -> float:
+    if isinstance(sparsity, bool) or not isinstance(sparsity, numbers.Real):
+        raise ConfigError(f"sparsity must be a number in [0, 1), got {sparsity!r}")
+    value = float(sparsity)
+    if not math.isfinite(value) or not 0.0 <= value < 1.0:
+        raise ConfigError(f"sparsity must be in [0, 1), got {sparsity}")
+    return value
