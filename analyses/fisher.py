@@ -31,6 +31,7 @@ from __future__ import annotations
 import functools
 import math
 import numbers
+import re
 import warnings
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -307,9 +308,9 @@ def mask_statistics(mask: dict[str, torch.Tensor], previous: dict[str, torch.Ten
     """Kept fractions of a mask, and its overlap with ``previous`` when given (JSON-able numbers).
 
     Returns ``kept`` and ``total`` (coordinates), ``kept_fraction`` (overall), ``per_parameter`` (name -> kept
-    fraction); with ``previous`` also ``intersection``, ``union``, ``iou`` = |A∩B| / |A∪B| and
-    ``previous_kept_fraction`` = |A∩B| / |B|, the fraction of the previous mask's ones still kept (1.0 when ``previous``
-    keeps nothing).
+    fraction), ``per_layer`` (:func:`layer_of` -> kept fraction over that layer's coordinates); with ``previous``
+    also ``intersection``, ``union``, ``iou`` = |A∩B| / |A∪B| and ``previous_kept_fraction`` = |A∩B| / |B|, the
+    fraction of the previous mask's ones still kept (1.0 when ``previous`` keeps nothing).
     """
     _check_mask(mask, "mask")
     kept = sum(int(value.sum()) for value in mask.values())
@@ -319,6 +320,7 @@ def mask_statistics(mask: dict[str, torch.Tensor], previous: dict[str, torch.Ten
         "total": total,
         "kept_fraction": _fraction(kept, total),
         "per_parameter": {name: _fraction(int(value.sum()), value.numel()) for name, value in mask.items()},
+        "per_layer": _per_layer_fraction(mask),
     }
     if previous is not None:
         intersection, union, previous_kept = _overlap(mask, previous)
@@ -327,6 +329,33 @@ def mask_statistics(mask: dict[str, torch.Tensor], previous: dict[str, torch.Ten
         stats["iou"] = _fraction(intersection, union)
         stats["previous_kept_fraction"] = _fraction(intersection, previous_kept)
     return stats
+
+
+_LAYER_INDEX = re.compile(r"(?:^|\.)(?:layer|layers|h|block|blocks)\.(\d+)\.")
+
+
+def layer_of(name: str) -> str:
+    """The layer a parameter belongs to: ``layer.<i>`` for transformer blocks, else the first module name that is not
+    the backbone prefix (``embeddings``, ``pooler``, ``classifier``, ...)."""
+    match = _LAYER_INDEX.search(name)
+    if match:
+        return f"layer.{match.group(1)}"
+    parts = name.split(".")
+    backbones = {"bert", "roberta", "electra", "deberta", "distilbert", "model", "transformer", "encoder"}
+    for part in parts[:-1]:
+        if part not in backbones:
+            return part
+    return parts[0]
+
+
+def _per_layer_fraction(mask: dict[str, torch.Tensor]) -> dict[str, float]:
+    kept: dict[str, int] = {}
+    total: dict[str, int] = {}
+    for name, value in mask.items():
+        layer = layer_of(name)
+        kept[layer] = kept.get(layer, 0) + int(value.sum())
+        total[layer] = total.get(layer, 0) + value.numel()
+    return {layer: _fraction(kept[layer], total[layer]) for layer in total}
 
 
 def mask_iou(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:

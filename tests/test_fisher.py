@@ -13,6 +13,7 @@ from analyses.fisher import (
     empirical_fisher,
     empirical_fisher_loop,
     fisher_mask,
+    layer_of,
     mask_iou,
     mask_statistics,
 )
@@ -350,6 +351,7 @@ def test_mask_statistics_and_iou_by_hand():
         "total": 7,
         "kept_fraction": 4 / 7,
         "per_parameter": {"w": 3 / 4, "b": 1 / 3},
+        "per_layer": {"w": 3 / 4, "b": 1 / 3},  # single-word names are their own layer
         "intersection": 2,
         "union": 6,
         "iou": 2 / 6,
@@ -358,7 +360,7 @@ def test_mask_statistics_and_iou_by_hand():
     assert all(type(v) in (int, float) for v in stats.values() if not isinstance(v, dict))
     assert mask_iou(a, b) == pytest.approx(1 / 3) and mask_iou(b, a) == pytest.approx(1 / 3)
     assert mask_iou(a, a) == 1.0
-    assert set(mask_statistics(a)) == {"kept", "total", "kept_fraction", "per_parameter"}
+    assert set(mask_statistics(a)) == {"kept", "total", "kept_fraction", "per_parameter", "per_layer"}
     empty = {name: torch.zeros_like(value) for name, value in a.items()}
     assert mask_iou(empty, empty) == 1.0
     with pytest.raises(ConfigError, match="different parameters"):
@@ -367,3 +369,27 @@ def test_mask_statistics_and_iou_by_hand():
         mask_iou(a, {"w": b["w"], "b": torch.tensor([True])})
     with pytest.raises(ConfigError, match="bool"):
         mask_statistics({"w": torch.ones(2)})
+
+
+@pytest.mark.parametrize(
+    ("name", "layer"),
+    [
+        ("bert.encoder.layer.3.attention.self.query.weight", "layer.3"),
+        ("bert.embeddings.word_embeddings.weight", "embeddings"),
+        ("bert.pooler.dense.bias", "pooler"),
+        ("classifier.weight", "classifier"),
+        ("roberta.encoder.layer.11.output.LayerNorm.bias", "layer.11"),
+    ],
+)
+def test_layer_of_names_the_block(name, layer):
+    assert layer_of(name) == layer
+
+
+def test_per_layer_kept_fraction_counts_coordinates():
+    mask = {
+        "bert.encoder.layer.0.a.weight": torch.tensor([True, False, False, False]),
+        "bert.encoder.layer.0.b.bias": torch.tensor([True, True]),
+        "classifier.weight": torch.tensor([False, False]),
+    }
+    stats = mask_statistics(mask)
+    assert stats["per_layer"] == {"layer.0": pytest.approx(3 / 6), "classifier": 0.0}
