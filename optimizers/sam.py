@@ -199,7 +199,8 @@ class SharpnessAware(ClosureOptimizer):
             report.instance_weights = weights
             with torch.enable_grad():
                 (losses.mean() if weights is None else (weights * losses).sum()).backward()
-            ascent_grads = [None if p.grad is None else p.grad.clone() for p in params]
+            # zero_grad(set_to_none) below drops these tensors from .grad without writing to them: no copy needed.
+            ascent_grads = [p.grad for p in params]
             epsilon = self._perturbation(params, ascent_grads, rho)
             report.perturbation_norm = _global_norm([e for e in epsilon if e is not None])
             descent_chunk = chunk if self.m_sharpness > 1 else None
@@ -279,8 +280,8 @@ class SharpnessAware(ClosureOptimizer):
         """GSAM: the final gradient g_adv − α g_⊥ with g = g_∥ + g_⊥ decomposed along g_adv."""
         adv = [p.grad for p in params]
         pairs = [(g, a) for g, a in zip(ascent_grads, adv, strict=True) if g is not None and a is not None]
-        dot = sum(float((g.double() * a.double()).sum()) for g, a in pairs)
-        adv_sq = sum(float(a.double().pow(2).sum()) for _, a in pairs)
+        dot = sum(float(torch.vdot(g.flatten(), a.flatten())) for g, a in pairs)
+        adv_sq = sum(float(torch.vdot(a.flatten(), a.flatten())) for _, a in pairs)
         coefficient = dot / adv_sq if adv_sq > 0 else 0.0
         for g, a in pairs:
             orthogonal = g - coefficient * a
@@ -322,9 +323,8 @@ def delta_sam_weights(guardedness: torch.Tensor, beta: float) -> torch.Tensor:
 
 
 def _global_norm(tensors: list[torch.Tensor]) -> float:
-    if not tensors:
-        return 0.0
-    return float(torch.sqrt(sum(t.double().pow(2).sum() for t in tensors)))
+    """L2 norm over a list of tensors: per-tensor norms in their dtype, combined in float64 (no upcast copies)."""
+    return math.sqrt(sum(float(torch.linalg.vector_norm(t)) ** 2 for t in tensors))
 
 
 def _accumulate(accumulated, params, share):
