@@ -1,0 +1,150 @@
+"""Parameter-space math on ``dict[str, Tensor]``, the toolkit's representation of a point θ or a direction d.
+
+Keys are ``named_parameters()`` names (tied weights once, see :func:`landscape.checkpoints.model_parameters`).
+Every function is pure: inputs are never modified, results are new tensors. Linear combinations are evaluated in
+float64 and rounded once to the output dtype, so a grid point ``θ + a·d1 + b·d2`` of a loss surface (Li et al. 2018,
+"Visualizing the Loss Landscape of Neural Nets") is the correctly rounded value however far it lies from θ; walking
+the grid with in-place ``add_`` would instead accumulate one rounding error per step (PITFALLS 9).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+
+import torch
+from torch import nn
+
+from landscape.checkpoints import model_parameters
+from landscape.errors import CheckpointError
+
+Params = dict[str, torch.Tensor]
+
+
+def check_same_keys_and_shapes(a: Mapping[str, torch.Tensor], b: Mapping[str, torch.Tensor], what: str) -> None:
+    """Raise :class:`CheckpointError` naming the first (in sorted order) name or shape where ``a`` and ``b`` differ.
+
+    ``what`` says what is being compared (e.g. ``"θ0 and θ1"``) and starts the message.
+    """
+    for name in sorted(set(a) | set(b)):
+        if name not in b:
+            raise CheckpointError(
+                f"{what} differ: {name!r} is in the first but not the second "
+                f"({len(a)} vs {len(b)} tensors); expected the same architecture and head"
+            )
+        if name not in a:
+            raise CheckpointError(
+                f"{what} differ: {name!r} is in the second but not the first "
+                f"({len(a)} vs {len(b)} tensors); expected the same architecture and head"
+            )
+        if a[name].shape != b[name].shape:
+            raise CheckpointError(
+                f"{what} differ: {name!r} has shape {tuple(a[name].shape)} in the first and "
+                f"{tuple(b[name].shape)} in the second; expected the same architecture and head"
+            )
+
+
+def combine(theta: Mapping[str, torch.Tensor], terms: Sequence[tuple[float, Mapping[str, torch.Tensor]]]) -> Params:
+    """``θ + Σ_k c_k·d_k`` for ``terms = [(c_1, d_1), (c_2, d_2), ...]``, each tensor in θ's dtype and device.
+
+    Computed from θ every time, in float64, and rounded once: for a surface grid point use
+    ``combine(θ, [(a, d1), (b, d2)])``, never a running sum. Shapes: each ``d_k[name]`` has ``θ[name]``'s shape.
+    """
+    for k, (_, direction) in enumerate(terms):
+        check_same_keys_and_shapes(theta, direction, f"θ and direction {k}")
+    out: Params = {}
+    for name, t in theta.items():
+        acc = t.detach().to(torch.float64)
+        for coefficient, direction in terms:
+            c = float(coefficient)
+            if c != 0.0:  # skipping exact zeros keeps θ bitwise at the origin, even if a direction has inf/NaN
+                acc = acc + c * direction[name].detach().to(device=t.device, dtype=torch.float64)
+        out[name] = acc.to(t.dtype)
+    return out
+
+
+def add(theta: Mapping[str, torch.Tensor], direction: Mapping[str, torch.Tensor], scale: float) -> Params:
+    """``θ + scale·d`` (float64, rounded once to θ's dtype); see :func:`combine`."""
+    return combine(theta, [(scale, direction)])
+
+
+def sub(a: Mapping[str, torch.Tensor], b: Mapping[str, torch.Tensor]) -> Params:
+    """``a − b`` tensor by tensor, in the promoted dtype of each pair (one IEEE operation: correctly rounded)."""
+    check_same_keys_and_shapes(a, b, "the operands of sub")
+    return {name: a[name].detach() - b[name].detach().to(a[name].device) for name in a}
+
+
+def scale(a: Mapping[str, torch.Tensor], s: float) -> Params:
+    """``s·a`` in ``a``'s dtypes."""
+    return {name: t.detach() * float(s) for name, t in a.items()}
+
+
+def zeros_like(a: Mapping[str, torch.Tensor]) -> Params:
+    """Zeros with ``a``'s names, shapes, dtypes and devices."""
+    return {name: torch.zeros_like(t) for name, t in a.items()}
+
+
+def dot(a: Mapping[str, torch.Tensor], b: Mapping[str, torch.Tensor]) -> float:
+    """``⟨a, b⟩`` over all parameters, accumulated in float64 in sorted-name order (deterministic)."""
+    check_same_keys_and_shapes(a, b, "the operands of dot")
+    total = 0.0
+    for name in sorted(a):
+        x = a[name].detach().reshape(-1).to(torch.float64)
+        y = b[name].detach().reshape(-1).to(device=x.device, dtype=torch.float64)
+        total += float(torch.dot(x, y))
+    return total
+
+
+def norm(a: Mapping[str, torch.Tensor]) -> float:
+    """Euclidean norm ``‖a‖`` over all parameters (float64)."""
+    return math.sqrt(dot(a, a))
+
+
+def content_hash(params: Mapping[str, torch.Tensor]) -> str:
+    """SHA-256 (hex) over sorted names, dtypes, shapes and raw bytes: identifies a checkpoint's content.
+
+    Two dicts hash equal exactly when they hold bitwise equal tensors under the same names (``-0.0`` and ``0.0``
+    differ, as do NaN payloads); where the tensors live (CPU or GPU) does not matter.
+    """
+    digest = hashlib.sha256()
+    for name in sorted(params):
+        t = params[name].detach().to("cpu").contiguous().reshape(-1)
+        # Every field is length-prefixed so that no two different dicts serialise to the same byte stream.
+        header = f"{name}\0{t.dtype}\0{tuple(params[name].shape)}\0{t.numel() * t.element_size()}\0".encode()
+        digest.update(len(header).to_bytes(8, "little"))
+        digest.update(header)
+        if t.numel():
+            digest.update(t.view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+@contextmanager
+def loaded_parameters(model: nn.Module, params: Mapping[str, torch.Tensor]) -> Iterator[nn.Module]:
+    """Temporarily copy ``params`` into ``model``'s parameters; yield the model.
+
+    On exit, also when the block raises, every parameter gets back its original values bitwise (restored by copy
+    from a snapshot, not by subtracting a perturbation), its ``requires_grad`` flag, and every submodule its
+    train/eval mode (PITFALLS 5). ``.grad`` is not managed. ``params`` must have exactly the model's parameter
+    names and shapes; a tied tensor appears once and so is written once. Costs one copy of the weights.
+    """
+    current = model_parameters(model)
+    check_same_keys_and_shapes(current, params, "the model's parameters and the loaded ones")
+    snapshot = {name: p.detach().clone() for name, p in current.items()}
+    flags = {name: p.requires_grad for name, p in current.items()}
+    modes = [(module, module.training) for module in model.modules()]
+    try:
+        with torch.no_grad():
+            for name, p in current.items():
+                p.copy_(params[name])
+        yield model
+    finally:
+        with torch.no_grad():
+            for name, p in current.items():
+                p.copy_(snapshot[name])
+        for name, p in current.items():
+            p.requires_grad_(flags[name])
+        # Set each module's flag directly: ``module.train(mode)`` would recurse and overwrite its children's modes.
+        for module, training in modes:
+            module.training = training
