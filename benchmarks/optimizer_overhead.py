@@ -523,6 +523,11 @@ def measure_memory(args: argparse.Namespace) -> dict[str, Any]:
 # Report
 
 
+def busy_machine(loadavg: Sequence[float], cpu_count: int | None, threads: int) -> bool:
+    """True when other work already occupies enough cores that this run's threads oversubscribe the machine."""
+    return cpu_count is not None and loadavg[0] + threads > cpu_count + 0.5
+
+
 def verdict(value: float, threshold: float, *, at_least: bool = False) -> str:
     ok = value >= threshold if at_least else value <= threshold
     return "PASS" if ok else "FAIL"
@@ -626,6 +631,17 @@ def markdown(report: dict[str, Any]) -> str:
         "Ratios are ratios of medians with a 95 % paired bootstrap interval; 'paired' is the median of the "
         "per-repetition ratios.",
         "",
+    ]
+    if busy_machine(report["machine"]["loadavg_start"], report["machine"]["cpu_count"], report["threads"]):
+        lines += [
+            f"**Busy machine**: a 1-minute load average of {report['machine']['loadavg_start'][0]} at the start on "
+            f"{report['machine']['cpu_count']} CPUs, before adding this run's {report['threads']} threads. With more "
+            "runnable threads than cores, torch's parallel regions wait for descheduled threads, which inflates "
+            "every operator by a roughly constant amount and flattens the cost differences between small and large "
+            "work (e.g. efficient SAM's small ascent); `--threads 1` is more representative then.",
+            "",
+        ]
+    lines += [
         "## Step time",
         "",
         "| optimizer | median ms | IQR ms | × AdamW [95 % CI] | paired × AdamW | other |",
