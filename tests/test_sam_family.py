@@ -87,11 +87,6 @@ def build(net, variant, *, rho=RHO, lr=0.1, base="sgd"):
     return opt
 
 
-def epsilon_of(closure: RecordingClosure, descent_call: int = -1):
-    """ε as the closure saw it: weights at the descent call minus weights at the first (ascent) call."""
-    return [after - before for after, before in zip(closure.seen[descent_call], closure.seen[0], strict=True)]
-
-
 def norm(tensors):
     return math.sqrt(sum(float(t.pow(2).sum()) for t in tensors))
 
@@ -165,11 +160,9 @@ def test_perturbation_norm_follows_each_equation(variant):
     rows = slice(0, 2) if variant == "efficient-sam" else slice(0, 4) if variant == "m-sharpness" else slice(None)
     grads = torch.autograd.grad(per_example(net, x[rows], y[rows]).mean(), list(net.parameters()))
     opt.step(closure)
-    # m-sharpness: the first micro-batch's descent is the closure's second call.
-    eps = epsilon_of(closure, descent_call=1 if variant in ("m-sharpness", "delta-sam") else -1)
-    if variant == "delta-sam":
-        eps = epsilon_of(closure, descent_call=2)  # calls: probe, ascent, descent — ε measured from the probe's w + ê
-        eps = [after - before for after, before in zip(closure.seen[2], closure.seen[1], strict=True)]
+    # Calls: m-sharpness ascent 1, descent 1, ...; δ-SAM probe, ascent, descent; the others ascent, descent.
+    ascent_call, descent_call = (1, 2) if variant == "delta-sam" else (0, 1)
+    eps = [after - before for after, before in zip(closure.seen[descent_call], closure.seen[ascent_call], strict=True)]
     if variant == "asam":
         measured = norm([e / (p.detach().abs() + 0.01) for e, p in zip(eps, net.parameters(), strict=True)])
     else:
@@ -385,8 +378,7 @@ def test_esam_step_by_hand():
 def test_delta_sam_weights_term_by_term():
     a = torch.tensor([0.2, -0.1, 0.4, 0.0, 0.1])
     beta, n = 3.0, 5
-    g = [abs(v) / 1.0 for v in a.tolist()]  # Σ|a| = 0.8
-    g = [v / 0.8 for v in [0.2, 0.1, 0.4, 0.0, 0.1]]
+    g = [v / 0.8 for v in [0.2, 0.1, 0.4, 0.0, 0.1]]  # |a_i| / Σ|a|, Σ|a| = 0.8
     a_bar = sum(a.tolist()) / n  # 0.12
     a_s = sum(gi * ai for gi, ai in zip(g, a.tolist(), strict=True))
     r = beta * abs(a_bar) / abs(a_s)
