@@ -32,10 +32,15 @@ Goals (PASS/FAIL printed beside the measured values): SAM ≤ 2.05× AdamW; effi
 ≤ 1.10× SAM; δ-SAM ≤ 1.15× SAM; our SAM no slower than pytorch-optimizer's (ratio ≤ 1.0 within noise); FSAM peak
 memory ≤ 1.3× AdamW; vectorised Fisher ≥ 3× faster than the loop (values within 1e-5 relative on large entries).
 
-Run from the repository root (about 10-20 minutes on a 2-core CPU machine; longer when the machine is busy)::
+Run from the repository root::
 
     HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/optimizer_overhead.py --data-dir ../shared/data \\
         --steps 20 --warmup 3 --out benchmarks/results/optimizer_overhead.json
+
+On the 2-core development machine this took 11 minutes with ``--threads 1`` and 42 minutes with torch's default of 2
+threads while another training run used both cores. When other work shares the cores, pass ``--threads 1``: with
+more runnable threads than cores every torch operator stalls on descheduled threads, which inflates small operators
+most (the looped Fisher, efficient SAM's small ascent) and distorts the ratios; the report flags such a start.
 
 It writes the JSON (atomically) and a Markdown report beside it (same name, ``.md``), and prints the report.
 """
