@@ -1,4 +1,5 @@
-"""Measurements on checkpoints (Hessian spectrum, empirical Fisher, sharpness, transfer).
+"""Measurements on checkpoints.
 
-Not implemented yet: they arrive with the analyses issue. This package must not train or plot.
+Built: the empirical Fisher and the FSAM mask (:mod:`analyses.fisher`). To come (the analyses issue): Hessian
+spectrum, Fisher distributions, sharpness metrics, cross-task transfer. This package never trains or plots.
 """

@@ -97,12 +97,9 @@ def norm(tensors):
 @pytest.mark.parametrize("variant", list(VARIANTS))
 def test_rho_zero_gives_the_base_trajectory(variant):
     net, ref_net = make_net(), make_net()
-    options = dict(VARIANTS[variant])
-    if variant == "esam":
-        options["sds_fraction"] = 1.0  # data selection is not a perturbation: with it ρ = 0 is not the base
     opt = build(net, variant, rho=0.0, base="adamw")
     if variant == "esam":
-        opt.sds_fraction = 1.0
+        opt.sds_fraction = 1.0  # data selection is not a perturbation: with it, ρ = 0 is not the base trajectory
     ref = ClosureOptimizer(torch.optim.AdamW(parameter_groups(ref_net.named_parameters(), 0.01), lr=0.1))
     for step in range(4):
         x, y = make_batch(step)
