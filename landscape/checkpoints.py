@@ -48,7 +48,11 @@ def read_safetensors(path: str | Path) -> dict[str, torch.Tensor]:
         raise CheckpointError(f"checkpoint {path} does not exist; expected a .safetensors file or a run directory")
     with open(path, "rb") as handle:
         head = handle.read(9)
-    if path.suffix.lower() in PICKLE_SUFFIXES or head[:2] == b"PK" or head[:1] == b"\x80":
+    # A safetensors file is an 8-byte little-endian header length then "{"; the length's first byte may be 0x80,
+    # so the pickle markers (zip "PK", protocol byte 0x80) only count when the JSON header is absent.
+    looks_safetensors = len(head) == 9 and head[8:9] == b"{"
+    pickle_marker = head[:2] == b"PK" or head[:1] == b"\x80"
+    if path.suffix.lower() in PICKLE_SUFFIXES or (pickle_marker and not looks_safetensors):
         raise CheckpointError(
             f"checkpoint {path} is a pickle file; only safetensors are loaded (pickles can run arbitrary code)"
         )

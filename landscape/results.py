@@ -135,13 +135,13 @@ def save_result(result: Result, directory: str | os.PathLike[str]) -> Result:
         raise ConfigError(f"result meta says kind {result.meta['kind']!r} but the result is {result.kind!r}")
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    meta: dict[str, Any] = {
-        "kind": result.kind,
-        "versions": environment_versions(),
-        "git_revision": git_revision(),
-        "saved_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        **result.meta,
-    }
+    meta: dict[str, Any] = {"kind": result.kind, "saved_at": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+    # Versions and revision cost a git call: a caller that saves often (a resumable grid) passes them in meta.
+    if "versions" not in result.meta:
+        meta["versions"] = environment_versions()
+    if "git_revision" not in result.meta:
+        meta["git_revision"] = git_revision()
+    meta.update(result.meta)
     # Serialise before touching the directory, so that bad metadata does not cost the previous result.
     meta["format_version"] = FORMAT_VERSION
     meta["arrays"] = {name: {"shape": list(v.shape), "dtype": v.dtype.str} for name, v in result.arrays.items()}
@@ -186,3 +186,42 @@ def load_result(directory: str | os.PathLike[str]) -> Result:
         return Result(meta["kind"], arrays, meta)
     except ConfigError as exc:
         raise CheckpointError(f"{directory}: {exc}") from exc
+
+
+def _plain(value: Any) -> Any:
+    """``value`` as the JSON round trip gives it back, for comparing identities read from disk with new ones."""
+    return json.loads(json.dumps(value, sort_keys=True, default=_json_default))
+
+
+def resume_or_start(directory: str | os.PathLike[str], kind: str, identity: Mapping[str, Any], *, overwrite: bool):
+    """The result already in ``directory`` to resume from, or None to start afresh.
+
+    ``identity`` holds every parameter that determines the result's values (checkpoint hash, grid, directions,
+    data selection...). A result of the same kind and identity is returned (complete or not, see its
+    ``meta["complete"]``); another one raises :class:`ConfigError` naming the first differing parameter, unless
+    ``overwrite``, which deletes it.
+    """
+    directory = Path(directory)
+    if not (directory / META_FILE).is_file():
+        return None
+    try:
+        existing = load_result(directory)
+    except CheckpointError:
+        if not overwrite:
+            raise
+        existing = None
+    if existing is not None and existing.kind == kind and existing.meta.get("identity") == _plain(identity):
+        return existing
+    if not overwrite:
+        old = existing.meta.get("identity", {}) if existing is not None else {}
+        new = _plain(identity)
+        if existing is not None and existing.kind != kind:
+            difference = f"it holds a {existing.kind!r} result, not {kind!r}"
+        else:
+            key = next((k for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)), "?")
+            difference = f"{key} was {old.get(key)!r}, now {new.get(key)!r}"
+        raise ConfigError(f"{directory} holds a result with other parameters ({difference}); "
+                          "choose another --out or pass --overwrite")  # fmt: skip
+    (directory / META_FILE).unlink(missing_ok=True)
+    (directory / ARRAYS_FILE).unlink(missing_ok=True)
+    return None

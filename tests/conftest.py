@@ -63,3 +63,26 @@ def shared_data_dir() -> Path:
     if not (SHARED_DATA / "glue").is_dir():
         pytest.skip(f"real data not found at {SHARED_DATA}")
     return SHARED_DATA
+
+
+def _train_tiny_run(root: Path, model_dir: Path, data_dir: Path, **options) -> Path:
+    from landscape.training import TrainConfig, train
+
+    config = TrainConfig(
+        task="sst2", model=str(model_dir), data_dir=str(data_dir), out=str(root), lr=1e-3, batch_size=8,
+        max_steps=12, save_every=100, seed=5, dropout=0.1, **options,
+    )  # fmt: skip
+    train(config, progress=False)
+    return root
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory, tiny_model_dir, tiny_data_dir) -> Path:
+    """A finished AdamW run of the tiny BERT on the synthetic SST-2 (dropout 0.1 in its config)."""
+    return _train_tiny_run(tmp_path_factory.mktemp("runs") / "adamw", tiny_model_dir, tiny_data_dir)
+
+
+@pytest.fixture(scope="session")
+def tiny_sam_run(tmp_path_factory, tiny_model_dir, tiny_data_dir) -> Path:
+    """The same as :func:`tiny_run` with SAM (ρ = 0.05): a second solution of the same task and architecture."""
+    return _train_tiny_run(tmp_path_factory.mktemp("runs") / "sam", tiny_model_dir, tiny_data_dir, sam="sam")

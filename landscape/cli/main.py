@@ -14,10 +14,28 @@ from collections.abc import Sequence
 from landscape import __version__
 from landscape.cli import env as env_cmd
 from landscape.cli import eval as eval_cmd
+from landscape.cli import figures as figures_cmd
+from landscape.cli import fisher as fisher_cmd
+from landscape.cli import hessian as hessian_cmd
+from landscape.cli import interpolate as interpolate_cmd
+from landscape.cli import sharpness as sharpness_cmd
+from landscape.cli import surface as surface_cmd
 from landscape.cli import train as train_cmd
+from landscape.cli import transfer as transfer_cmd
 from landscape.errors import LandscapeError
 
-COMMANDS = (train_cmd, eval_cmd, env_cmd)
+COMMANDS = (
+    train_cmd,
+    eval_cmd,
+    env_cmd,
+    figures_cmd,
+    surface_cmd,
+    interpolate_cmd,
+    transfer_cmd,
+    fisher_cmd,
+    sharpness_cmd,
+    hessian_cmd,
+)
 
 
 class _Parser(argparse.ArgumentParser):

@@ -1,0 +1,62 @@
+"""Arguments and helpers shared by the analysis commands (surface, interpolate, hessian, fisher, sharpness...)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from landscape.errors import ConfigError
+from landscape.runs import SPLITS, Run, open_run
+
+
+def positive_int(text: str) -> int:
+    """argparse type: an integer > 0 (the message names the bad value)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
+
+
+def add_data_arguments(parser: argparse.ArgumentParser, *, samples: int | None, split: str = "dev") -> None:
+    """``--task --data-dir --split --samples --seed``: which examples an analysis evaluates on."""
+    group = parser.add_argument_group("data (defaults: the run's task and data directory)")
+    group.add_argument("--task", help="evaluate on this task instead of the run's (same number of labels)")
+    group.add_argument("--data-dir", help="data directory (default: the run's, else $LANDSCAPE_DATA_DIR)")
+    group.add_argument("--split", choices=SPLITS, default=split, help=f"split to evaluate on (default {split})")
+    shown = "the whole split" if samples is None else str(samples)
+    group.add_argument(
+        "--samples",
+        type=positive_int,
+        default=samples,
+        help=f"examples drawn with --seed; at or above the split's size: all (default {shown})",
+    )
+    group.add_argument("--seed", type=int, default=0, help="seed of the example subset and of random draws")
+
+
+def add_output_arguments(parser: argparse.ArgumentParser) -> None:
+    """``--out --overwrite --progress/--no-progress``."""
+    parser.add_argument("--out", required=True, help="result directory; a rerun with the same --out resumes")
+    parser.add_argument("--overwrite", action="store_true", help="replace a result computed with other parameters")
+    parser.add_argument(
+        "--progress",
+        action=argparse.BooleanOptionalAction,
+        default=sys.stderr.isatty(),
+        help="progress bar on stderr (default: when stderr is a terminal)",
+    )
+
+
+def run_from_args(path: str | Path, args: argparse.Namespace) -> Run:
+    """Open the run at ``path`` with the ``--task`` / ``--data-dir`` overrides of ``args``."""
+    return open_run(path, task=getattr(args, "task", None), data_dir=getattr(args, "data_dir", None))
+
+
+def check_range(values: list[float], flag: str) -> tuple[float, float]:
+    """Two numbers ``A B`` with ``A < B`` given as ``flag``."""
+    low, high = float(values[0]), float(values[1])
+    if not low < high:
+        raise ConfigError(f"{flag} needs A < B, got {low} {high}")
+    return low, high

@@ -1,0 +1,68 @@
+"""``landscape interpolate RUN``: the loss along θ(α) = θ1 + α(θ1 − θ0) (FSAM Fig. 5)."""
+
+from __future__ import annotations
+
+import argparse
+
+from landscape.cli.common import add_data_arguments, add_output_arguments, check_range, positive_int
+from landscape.cli.surface import add_executor_arguments, print_grid_summary
+from landscape.directions import NORMS
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "interpolate",
+        help="1-D interpolation θ1 + α(θ1 − θ0) from the pretrained weights or another run",
+        description="Loss and metric along θ(α) = θ1 + α(θ1 − θ0): θ1 is the run's final weights, θ0 its "
+        "init.safetensors (α = -1), or --to RUN2's final weights, or a random direction (--random).",
+    )
+    parser.add_argument("run_dir", metavar="RUN", help="run directory written by landscape train (θ1 = its final weights)")
+    parser.add_argument("--to", metavar="RUN2", help="θ0 = the final weights of RUN2 (same architecture and head)")
+    parser.add_argument("--random", action="store_true", help="a seeded random direction instead of θ1 − θ0")
+    parser.add_argument(
+        "--alpha", type=float, nargs=2, default=[-1.0, 1.0], metavar=("A", "B"), help="range of α (default -1 1)"
+    )
+    parser.add_argument("--points", type=positive_int, default=21, help="values of α (default 21)")
+    parser.add_argument("--norm", choices=NORMS, default="filter", help="normalisation of --random (default filter)")
+    parser.add_argument(
+        "--ignore-1d",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="with --random: zero direction for biases and LayerNorm",
+    )
+    parser.add_argument("--batch-size", type=positive_int, default=32, help="evaluation batch size")
+    add_data_arguments(parser, samples=256)
+    add_executor_arguments(parser)
+    add_output_arguments(parser)
+    parser.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from landscape.errors import ConfigError
+    from landscape.surface import compute_interpolation
+
+    if args.points < 2:
+        raise ConfigError(f"--points must be >= 2, got {args.points}")
+    result = compute_interpolation(
+        args.run_dir,
+        args.out,
+        to=args.to,
+        random=args.random,
+        alpha_range=check_range(args.alpha, "--alpha"),
+        points=args.points,
+        norm=args.norm,
+        ignore_1d=args.ignore_1d,
+        seed=args.seed,
+        split=args.split,
+        samples=args.samples,
+        task=args.task,
+        data_dir=args.data_dir,
+        executor=args.executor,
+        ray_address=args.ray_address,
+        workers=args.workers,
+        batch_size=args.batch_size,
+        overwrite=args.overwrite,
+        progress=args.progress,
+    )
+    print_grid_summary(result, args.out)
+    return 0

@@ -1,0 +1,103 @@
+"""``landscape surface RUN``: loss and metric on a 1-D or 2-D grid along filter-normalised random directions."""
+
+from __future__ import annotations
+
+import argparse
+
+from landscape.cli.common import add_data_arguments, add_output_arguments, check_range, positive_int
+from landscape.directions import NORMS
+from landscape.grids import EXECUTORS
+
+
+def add_executor_arguments(parser: argparse.ArgumentParser) -> None:
+    """``--executor --ray-address --workers``."""
+    parser.add_argument("--executor", choices=EXECUTORS, default="serial", help="where cells are computed")
+    parser.add_argument("--ray-address", help="join this Ray cluster (default: start a local one)")
+    parser.add_argument("--workers", type=positive_int, help="Ray workers (default: one per CPU)")
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "surface",
+        help="loss surface along random directions (1-D or 2-D)",
+        description="Loss and the task's metric at θ + a·d1 (+ b·d2) for the run's final weights θ, along seeded "
+        "filter-normalised Gaussian directions (Li et al. 2018). Resumable: rerun with the same --out.",
+    )
+    parser.add_argument("run_dir", metavar="RUN", help="run directory written by landscape train")
+    parser.add_argument("--dims", type=int, choices=(1, 2), default=2, help="1-D line or 2-D grid (default 2)")
+    parser.add_argument(
+        "--grid",
+        type=int,
+        nargs="+",
+        default=[25],
+        metavar="N",
+        help="points per axis: N, or N_A N_B for a non-square grid (default 25)",
+    )
+    parser.add_argument(
+        "--range",
+        type=float,
+        nargs=2,
+        default=[-1.0, 1.0],
+        metavar=("A", "B"),
+        help="coefficient range of every axis (default -1 1)",
+    )
+    parser.add_argument("--range-b", type=float, nargs=2, metavar=("A", "B"), help="range of b (default: --range)")
+    parser.add_argument("--norm", choices=NORMS, default="filter", help="direction normalisation (default filter)")
+    parser.add_argument(
+        "--ignore-1d",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="zero direction for biases and LayerNorm (default: on, as Li et al.)",
+    )
+    parser.add_argument("--orthogonal", action="store_true", help="orthogonalise the second direction")
+    parser.add_argument("--weights", choices=("final", "init"), default="final", help="θ: the run's final or init")
+    parser.add_argument("--batch-size", type=positive_int, default=32, help="evaluation batch size")
+    add_data_arguments(parser, samples=256)
+    add_executor_arguments(parser)
+    add_output_arguments(parser)
+    parser.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from landscape.errors import ConfigError
+    from landscape.surface import compute_surface
+
+    if len(args.grid) > 2 or any(n < 2 for n in args.grid):
+        raise ConfigError(f"--grid takes N or N_A N_B, each >= 2, got {' '.join(map(str, args.grid))}")
+    grid = args.grid[0] if len(args.grid) == 1 else (args.grid[0], args.grid[1])
+    result = compute_surface(
+        args.run_dir,
+        args.out,
+        dims=args.dims,
+        grid=grid,
+        range_a=check_range(args.range, "--range"),
+        range_b=None if args.range_b is None else check_range(args.range_b, "--range-b"),
+        norm=args.norm,
+        ignore_1d=args.ignore_1d,
+        orthogonal=args.orthogonal,
+        seed=args.seed,
+        split=args.split,
+        samples=args.samples,
+        task=args.task,
+        data_dir=args.data_dir,
+        weights=args.weights,
+        executor=args.executor,
+        ray_address=args.ray_address,
+        workers=args.workers,
+        batch_size=args.batch_size,
+        overwrite=args.overwrite,
+        progress=args.progress,
+    )
+    print_grid_summary(result, args.out)
+    return 0
+
+
+def print_grid_summary(result, out) -> None:
+    """One line: where the result is, how much of it is done, and the loss at the origin when computed."""
+    import numpy as np
+
+    done = np.asarray(result.arrays["done"])
+    loss = np.asarray(result.arrays["loss"])
+    finite = loss[done & np.isfinite(loss)]
+    span = f", loss {finite.min():.4g} .. {finite.max():.4g}" if finite.size else ""
+    print(f"{result.kind} written to {out} ({int(done.sum())}/{done.size} cells{span})")

@@ -1,0 +1,261 @@
+"""Evaluating a grid of points θ + Σ_k c_k·d_k: the cell evaluator, the executors and the resumable driver.
+
+A surface or interpolation is a list of cells, each a tuple of coefficients ``(c_1, ..., c_K)`` along ``K``
+directions. A :class:`GridJob` says, with plain picklable values only, how to build the evaluator (which run,
+weights, directions file and example subset), so that a Ray worker can build its own copy once and then evaluate
+any chunk of cells. Every cell is computed from θ (never by walking the grid, PITFALLS 9) and independently of the
+others, so the values do not depend on the executor or on where a resumed computation restarted.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from landscape.checkpoints import model_parameters
+from landscape.directions import load_directions
+from landscape.errors import ConfigError
+from landscape.params import check_same_keys_and_shapes
+from landscape.runs import EvalSubset, evaluate_subset, load_run_model, open_run, read_run_weights, select_subset
+
+Cell = tuple[float, ...]
+CellResult = tuple[int, float, float]  # (cell number, loss, metric)
+EXECUTORS = ("serial", "ray")
+
+
+class CellEvaluator:
+    """Loss and metric of ``model`` at ``θ + Σ_k c_k·d_k`` on a fixed example subset.
+
+    Use as a context manager: on exit, also after an exception, the model's parameters are restored bitwise from
+    a snapshot, and its ``requires_grad`` flags and every submodule's train/eval mode are restored (PITFALLS 5).
+    θ and the directions are held in float64; each cell is ``θ + c_1·d_1 + ... + c_K·d_K`` in float64 (the
+    products and sums in this order, zero coefficients skipped so that the origin is θ bitwise) rounded once to
+    the parameter dtype. Evaluation runs in eval mode under ``torch.inference_mode`` (PITFALLS 4).
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        subset: EvalSubset,
+        directions: Sequence[Mapping[str, torch.Tensor]],
+        theta: Mapping[str, torch.Tensor] | None = None,
+    ) -> None:
+        self.model = model
+        self.subset = subset
+        self._parameters = model_parameters(model)
+        current = {name: p.detach() for name, p in self._parameters.items()}
+        theta = current if theta is None else theta
+        check_same_keys_and_shapes(current, theta, "the model's parameters and θ")
+        for k, direction in enumerate(directions):
+            check_same_keys_and_shapes(current, direction, f"the model's parameters and direction {k}")
+        self._theta = {name: theta[name].detach().to(torch.float64).clone() for name in current}
+        self._directions = [{name: d[name].detach().to(torch.float64) for name in current} for d in directions]
+        self._buffers = {name: torch.empty_like(t) for name, t in self._theta.items()}
+        # One scratch tensor for the products c·d, reused for every parameter: no allocation per cell.
+        self._scratch = torch.empty(max((t.numel() for t in self._theta.values()), default=0), dtype=torch.float64)
+        self._saved: dict[str, Any] | None = None
+
+    def __enter__(self) -> CellEvaluator:
+        params = self._parameters
+        self._saved = {
+            "values": {name: p.detach().clone() for name, p in params.items()},
+            "flags": {name: p.requires_grad for name, p in params.items()},
+            "modes": [(module, module.training) for module in self.model.modules()],
+        }
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        saved, self._saved = self._saved, None
+        assert saved is not None
+        with torch.no_grad():
+            for name, p in self._parameters.items():
+                p.copy_(saved["values"][name])
+        for name, p in self._parameters.items():
+            p.requires_grad_(saved["flags"][name])
+        for module, training in saved["modes"]:
+            module.training = training
+
+    def set_point(self, coefficients: Sequence[float]) -> None:
+        """Write ``θ + Σ_k c_k·d_k`` into the model's parameters (inside the context only)."""
+        if self._saved is None:
+            raise RuntimeError("CellEvaluator must be used as a context manager, which restores the model")
+        if len(coefficients) != len(self._directions):
+            raise ConfigError(f"a cell needs {len(self._directions)} coefficients, got {len(coefficients)}")
+        with torch.no_grad():
+            for name, p in self._parameters.items():
+                buffer = self._buffers[name]
+                buffer.copy_(self._theta[name])
+                product = self._scratch[: buffer.numel()].view(buffer.shape)
+                for c, direction in zip(coefficients, self._directions, strict=True):
+                    if c != 0.0:  # the product, rounded, then the sum, rounded: exactly as params.combine
+                        torch.mul(direction[name], float(c), out=product)
+                        buffer.add_(product)
+                p.copy_(buffer)
+
+    def __call__(self, coefficients: Sequence[float]) -> tuple[float, float]:
+        """``(loss, metric)`` at the cell (mean per-example loss, the task's primary metric)."""
+        self.set_point(coefficients)
+        result = evaluate_subset(self.model, self.subset)
+        return result.loss, result.metric
+
+
+@dataclass(frozen=True)
+class GridJob:
+    """Everything a worker needs to build a :class:`CellEvaluator`, as plain values (picklable for Ray).
+
+    θ is the run's ``weights`` file, overridden by ``theta_file`` when given; the directions are read from
+    ``directions_file``.
+    """
+
+    run_path: str
+    task: str | None
+    data_dir: str | None
+    weights: str
+    directions_file: str
+    split: str
+    samples: int | None
+    seed: int
+    batch_size: int = 32
+    theta_file: str | None = None
+
+    @contextmanager
+    def evaluator(self) -> Iterator[CellEvaluator]:
+        """Load the run's model, θ, the directions and the subset once; yield an entered evaluator."""
+        run = open_run(self.run_path, task=self.task, data_dir=self.data_dir)
+        loaded = load_run_model(run, self.weights)
+        theta = read_run_weights(run, loaded.model, self.weights) if self.theta_file is None else None
+        if self.theta_file is not None:
+            from landscape.checkpoints import read_safetensors
+
+            theta = read_safetensors(self.theta_file)
+        directions, _ = load_directions(self.directions_file)
+        subset = select_subset(
+            run, loaded.tokenizer, split=self.split, samples=self.samples, seed=self.seed, batch_size=self.batch_size
+        )
+        with CellEvaluator(loaded.model, subset, directions, theta) as evaluator:
+            yield evaluator
+
+
+def run_chunk(evaluator: CellEvaluator, chunk: Sequence[tuple[int, Cell]]) -> list[CellResult]:
+    """Evaluate ``chunk`` (cell numbers with their coefficients) in order."""
+    return [(number, *evaluator(cell)) for number, cell in chunk]
+
+
+class SerialExecutor:
+    """Evaluates every chunk in this process, in order."""
+
+    name = "serial"
+
+    def run(self, job: GridJob, chunks: Sequence[Sequence[tuple[int, Cell]]], on_chunk: Callable) -> None:
+        with job.evaluator() as evaluator:
+            for chunk in chunks:
+                on_chunk(run_chunk(evaluator, chunk))
+
+
+class RayExecutor:
+    """Evaluates chunks on Ray actors, each of which builds its evaluator once (checkpoint and directions loaded
+    once per worker), and hands finished chunks back as they complete.
+
+    ``address`` None starts a local Ray instance (stopped again afterwards); otherwise it joins that cluster.
+    ``threads_per_worker`` sets ``torch.set_num_threads`` in each worker.
+    """
+
+    name = "ray"
+
+    def __init__(self, *, address: str | None = None, workers: int | None = None, threads_per_worker: int = 1):
+        try:
+            import ray  # noqa: F401
+        except ImportError:
+            raise ConfigError(
+                "--executor ray needs Ray, which is not installed: pip install 'landscape[ray]' (or pip install ray)"
+            ) from None
+        if workers is not None and workers <= 0:
+            raise ConfigError(f"the number of Ray workers must be > 0, got {workers}")
+        self.address = address
+        self.workers = workers
+        self.threads_per_worker = threads_per_worker
+
+    def run(self, job: GridJob, chunks: Sequence[Sequence[tuple[int, Cell]]], on_chunk: Callable) -> None:
+        import ray
+
+        started_here = not ray.is_initialized()
+        if started_here:
+            # The workers must import this project: the driver's sys.path reaches them through PYTHONPATH.
+            init_kwargs: dict[str, Any] = {
+                "include_dashboard": False,
+                "log_to_driver": False,
+                "configure_logging": False,
+            }
+            if self.address is None:
+                init_kwargs["num_cpus"] = self.workers or os.cpu_count() or 1
+            else:
+                init_kwargs["address"] = self.address
+            try:
+                ray.init(**init_kwargs)
+            except Exception as exc:  # a bad address, a cluster of another Ray version...
+                raise ConfigError(f"cannot start or join Ray (address {self.address!r}): {exc}") from exc
+        try:
+            count = self.workers or max(1, int(ray.available_resources().get("CPU", 1)))
+            count = max(1, min(count, len(chunks)))
+            actor_class = ray.remote(num_cpus=1)(_RayCellWorker)
+            actors = [actor_class.remote(job, self.threads_per_worker) for _ in range(count)]
+            pending: dict[Any, Any] = {}
+            queue = list(chunks)
+            for actor in actors:  # one chunk in flight per actor, refilled as each finishes
+                if queue:
+                    pending[actor.run.remote(queue.pop(0))] = actor
+            while pending:
+                finished, _ = ray.wait(list(pending), num_returns=1)
+                actor = pending.pop(finished[0])
+                on_chunk(ray.get(finished[0]))
+                if queue:
+                    pending[actor.run.remote(queue.pop(0))] = actor
+        finally:
+            if started_here:
+                ray.shutdown()
+
+
+class _RayCellWorker:
+    """A Ray actor holding one evaluator for its lifetime."""
+
+    def __init__(self, job: GridJob, threads: int) -> None:
+        torch.set_num_threads(threads)
+        self._context = job.evaluator()
+        self._evaluator = self._context.__enter__()
+
+    def run(self, chunk: Sequence[tuple[int, Cell]]) -> list[CellResult]:
+        return run_chunk(self._evaluator, chunk)
+
+
+def make_executor(name: str, *, address: str | None = None, workers: int | None = None, threads: int = 1):
+    """``"serial"`` or ``"ray"``; see :class:`SerialExecutor` and :class:`RayExecutor`."""
+    if name == "serial":
+        if address is not None:
+            raise ConfigError("--ray-address is only for --executor ray")
+        return SerialExecutor()
+    if name == "ray":
+        return RayExecutor(address=address, workers=workers, threads_per_worker=threads)
+    raise ConfigError(f"executor must be one of {', '.join(EXECUTORS)}, got {name!r}")
+
+
+def chunked(cells: Sequence[tuple[int, Cell]], size: int) -> list[list[tuple[int, Cell]]]:
+    """Consecutive chunks of ``size`` cells (the last may be shorter)."""
+    return [list(cells[start : start + size]) for start in range(0, len(cells), size)]
+
+
+class Stopwatch:
+    """Seconds since construction, plus an offset carried over from an earlier, interrupted session."""
+
+    def __init__(self, offset: float = 0.0) -> None:
+        self._start = time.perf_counter()
+        self._offset = offset
+
+    def __call__(self) -> float:
+        return self._offset + time.perf_counter() - self._start

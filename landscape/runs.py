@@ -1,0 +1,259 @@
+"""What every analysis of a trained run shares: open the run, load its weights, pick a fixed evaluation subset.
+
+An analysis command (``surface``, ``interpolate``, ``hessian``, ``fisher``, ``sharpness``) takes a run directory
+(written by ``landscape train``), takes the task, model, data directory and ``max_length`` from its ``run.json``
+(``--task`` / ``--data-dir`` override them), and evaluates on a fixed, seeded subset of one split that is tokenized
+and batched once (:class:`EvalSubset`). Batches are padded to their own longest example; the subset's mean loss
+weights every example equally whatever the batch sizes (PITFALLS 10).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from landscape.checkpoints import load_weights_into, model_parameters, read_safetensors
+from landscape.data import EncodedSplit, collate, default_cache_dir, encode_split
+from landscape.errors import CheckpointError, ConfigError
+from landscape.losses import model_inputs, per_example_loss_from_logits
+from landscape.metrics import compute_metrics
+from landscape.model_state import eval_mode
+from landscape.models import LoadedModel, check_compatible, load_model
+from landscape.tasks import TaskSpec, get_task, load_split, resolve_data_dir
+
+SPLITS = ("train", "dev")
+WEIGHTS = ("final", "init")
+
+
+@dataclass(frozen=True)
+class Run:
+    """A run directory and what its ``run.json`` says, with the command line's overrides applied."""
+
+    path: Path
+    config: Mapping[str, Any] = field(hash=False)  # run.json's "config"
+    task: TaskSpec
+    model: str  # alias, folder or hub name of the architecture and tokenizer
+    data_dir: Path | None  # None: the hub
+    max_length: int
+
+    @property
+    def label(self) -> str:
+        """A short name for legends: the optimizer and SAM variant (e.g. ``adamw+fsam``), else the folder name."""
+        optimizer, sam = self.config.get("optimizer"), self.config.get("sam", "none")
+        if optimizer is None:
+            return self.path.name
+        return optimizer if sam in (None, "none") else f"{optimizer}+{sam}"
+
+    def weights_file(self, which: str = "final") -> Path:
+        """``final.safetensors`` (θ1) or ``init.safetensors`` (θ0, the weights before step 1, head included)."""
+        if which not in WEIGHTS:
+            raise ConfigError(f"weights must be one of {', '.join(WEIGHTS)}, got {which!r}")
+        path = self.path / f"{which}.safetensors"
+        if not path.is_file():
+            hint = " (the run has not finished: resume it with landscape train --resume)" if which == "final" else ""
+            raise CheckpointError(f"{self.path} has no {which}.safetensors{hint}")
+        return path
+
+    def describe(self) -> dict[str, Any]:
+        """JSON-able identification of the run for a result's ``meta``."""
+        return {
+            "path": str(self.path),
+            "label": self.label,
+            "task": self.task.name,
+            "model": self.model,
+            "optimizer": self.config.get("optimizer"),
+            "sam": self.config.get("sam", "none"),
+            "seed": self.config.get("seed"),
+        }
+
+
+def open_run(
+    path: str | Path, *, task: str | None = None, data_dir: str | Path | None = None, model: str | None = None
+) -> Run:
+    """Read ``path/run.json``; ``task``, ``data_dir`` and ``model`` override the run's own values."""
+    path = Path(path)
+    run_json = path / "run.json"
+    if not path.is_dir():
+        raise CheckpointError(f"run directory {path} does not exist; expected the --out folder of landscape train")
+    if not run_json.is_file():
+        raise CheckpointError(f"{path} has no run.json; expected the --out folder of landscape train")
+    try:
+        config = json.loads(run_json.read_text(encoding="utf-8"))["config"]
+    except (ValueError, KeyError, TypeError) as exc:
+        raise CheckpointError(f"{run_json} is not a run.json written by landscape train: {exc}") from exc
+    task_name = task or config.get("task")
+    model_name = model or config.get("model")
+    if not task_name or not model_name:
+        raise CheckpointError(f"{run_json} names no task or model; pass --task and --model")
+    chosen_dir = data_dir if data_dir is not None else config.get("data_dir")
+    return Run(
+        path=path,
+        config=config,
+        task=get_task(task_name),
+        model=model_name,
+        data_dir=resolve_data_dir(chosen_dir),
+        max_length=int(config.get("max_length", 128)),
+    )
+
+
+def load_run_model(run: Run, weights: str = "final", *, attn_implementation: str | None = None) -> LoadedModel:
+    """The run's architecture with ``weights`` loaded, in eval mode, gradients off.
+
+    ``attn_implementation="eager"`` for anything that needs double backward (Hessian-vector products): PyTorch's
+    fused attention kernels have no second derivative (PITFALLS 15). Dropout is as in the run's config but is
+    never active, because every analysis evaluates in eval mode.
+    """
+    loaded = load_model(
+        run.model,
+        run.task,
+        seed=int(run.config.get("seed", 0)),
+        attn_implementation=attn_implementation,
+        dropout=run.config.get("dropout"),
+    )
+    load_weights_into(loaded.model, run.weights_file(weights))
+    loaded.model.eval()
+    for parameter in loaded.model.parameters():
+        parameter.requires_grad_(False)
+    return loaded
+
+
+def read_run_weights(run: Run, model: nn.Module, weights: str = "final") -> dict[str, torch.Tensor]:
+    """The run's ``weights`` as a params dict keyed like ``model``'s parameters (checked to match)."""
+    tensors = read_safetensors(run.weights_file(weights))
+    expected = {name: p.detach() for name, p in model_parameters(model).items()}
+    check_compatible(expected, tensors, str(run.weights_file(weights)))
+    return {name: tensors[name].to(expected[name].dtype) for name in expected}
+
+
+@dataclass(frozen=True)
+class EvalSubset:
+    """A fixed, seeded subset of one split, tokenized once and cut into padded batches.
+
+    ``indices`` [N] are positions in the split, sorted; ``batches`` cover them in order, each a dict of
+    ``input_ids``/``attention_mask``/(``token_type_ids``) [B, T] and ``labels`` [B].
+    """
+
+    task: TaskSpec
+    split: str
+    seed: int
+    split_size: int
+    indices: np.ndarray
+    batches: tuple[dict[str, torch.Tensor], ...]
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    @property
+    def labels(self) -> np.ndarray:
+        return torch.cat([batch["labels"] for batch in self.batches]).numpy()
+
+    def describe(self) -> dict[str, Any]:
+        """JSON-able data selection for a result's ``meta``: enough to select the same examples again."""
+        digest = hashlib.sha256(np.asarray(self.indices, dtype=np.int64).tobytes()).hexdigest()
+        return {
+            "task": self.task.name,
+            "split": self.split,
+            "samples": len(self.indices),
+            "split_size": self.split_size,
+            "seed": self.seed,
+            "indices_sha256": digest,
+        }
+
+
+def choose_indices(split_size: int, samples: int | None, seed: int) -> np.ndarray:
+    """``samples`` distinct positions of ``range(split_size)``, drawn with ``seed``, sorted.
+
+    ``samples`` None, or at or above the split's size, means the whole split.
+    """
+    if samples is not None and (isinstance(samples, bool) or not isinstance(samples, int) or samples <= 0):
+        raise ConfigError(f"samples must be a positive integer, got {samples!r}")
+    if samples is None or samples >= split_size:
+        return np.arange(split_size, dtype=np.int64)
+    rng = np.random.default_rng(seed)
+    return np.sort(rng.choice(split_size, size=samples, replace=False)).astype(np.int64)
+
+
+def select_subset(
+    run: Run,
+    tokenizer: Any,
+    *,
+    split: str = "dev",
+    samples: int | None = None,
+    seed: int = 0,
+    batch_size: int = 32,
+) -> EvalSubset:
+    """Tokenize the run's ``split`` once (cached) and batch a seeded subset of ``samples`` examples."""
+    if split not in SPLITS:
+        raise ConfigError(f"split must be one of {', '.join(SPLITS)}, got {split!r}")
+    if batch_size <= 0:
+        raise ConfigError(f"batch size must be > 0, got {batch_size}")
+    examples = load_split(run.task, split, run.data_dir)
+    encoded = encode_split(
+        examples,
+        tokenizer,
+        max_length=run.max_length,
+        cache_dir=default_cache_dir(),
+        cache_tag=f"{run.task.name}/{split}",
+    )
+    indices = choose_indices(len(encoded), samples, seed)
+    return subset_of(
+        encoded, run.task, split, indices, seed=seed, pad_token_id=tokenizer.pad_token_id or 0, batch_size=batch_size
+    )
+
+
+def subset_of(
+    encoded: EncodedSplit,
+    task: TaskSpec,
+    split: str,
+    indices: np.ndarray,
+    *,
+    seed: int,
+    pad_token_id: int,
+    batch_size: int = 32,
+) -> EvalSubset:
+    """An :class:`EvalSubset` of ``encoded`` at ``indices`` (sorted), cut into batches of ``batch_size``."""
+    indices = np.asarray(indices, dtype=np.int64)
+    batches = tuple(
+        collate(encoded, indices[start : start + batch_size].tolist(), pad_token_id)
+        for start in range(0, len(indices), batch_size)
+    )
+    return EvalSubset(task=task, split=split, seed=seed, split_size=len(encoded), indices=indices, batches=batches)
+
+
+@dataclass(frozen=True)
+class Evaluation:
+    """Mean loss over the subset (every example weighted equally), the task's primary metric and its name."""
+
+    loss: float
+    metric: float
+    metric_name: str
+    per_example_loss: np.ndarray  # [N] float64
+
+
+def evaluate_subset(model: nn.Module, subset: EvalSubset) -> Evaluation:
+    """Loss and primary metric of ``model`` on ``subset``, in eval mode under ``torch.inference_mode``.
+
+    The model's train/eval flags are restored afterwards (PITFALLS 4, 5); its weights are not touched.
+    """
+    losses, predictions = [], []
+    with eval_mode(model), torch.inference_mode():
+        for batch in subset.batches:
+            logits = model(**model_inputs(batch)).logits
+            losses.append(per_example_loss_from_logits(logits, batch["labels"]).double())
+            predictions.append(logits[:, 0] if subset.task.is_regression else logits.argmax(dim=1))
+    per_example = torch.cat(losses).numpy()
+    predicted = torch.cat(predictions).double().numpy() if subset.task.is_regression else torch.cat(predictions).numpy()
+    metrics = compute_metrics(subset.task, predicted, subset.labels)
+    name = subset.task.primary_metric
+    # Mean in float64 over the concatenated per-example losses: batch sizes cannot weight examples unequally.
+    return Evaluation(
+        loss=float(per_example.mean()), metric=float(metrics[name]), metric_name=name, per_example_loss=per_example
+    )

@@ -1,0 +1,406 @@
+"""Loss surfaces and interpolations of a trained run, resumable, through a serial or Ray executor.
+
+- :func:`compute_surface`: loss and metric on a 1-D line or a 2-D grid ``θ + a·d1 + b·d2`` along seeded,
+  filter-normalised Gaussian directions (Li et al. 2018, "Visualizing the Loss Landscape of Neural Nets",
+  Section 4; FSAM Fig. 4).
+- :func:`compute_interpolation`: ``θ(α) = θ1 + α(θ1 − θ0)`` with θ1 the run's final weights and θ0 its
+  ``init.safetensors`` (FSAM Fig. 5), another run's final weights, or a random direction.
+
+Both save a result (docs/results.md) after every chunk of cells, with a ``done`` mask; a call with the same
+``out`` and parameters computes only the cells not done, so a computation killed at any moment and started
+again gives arrays bitwise equal to an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from landscape.directions import NORMS, layer_kinds, orthogonalize, random_direction, save_directions
+from landscape.errors import ConfigError
+from landscape.grids import EXECUTORS, Cell, GridJob, Stopwatch, chunked, make_executor
+from landscape.params import check_same_keys_and_shapes, content_hash
+from landscape.results import Result, new_grid, resume_or_start, save_result
+from landscape.runs import Run, load_run_model, open_run, read_run_weights, select_subset
+from landscape.training import environment_versions, git_revision
+
+DIRECTIONS_FILE = "directions.safetensors"
+ENDPOINTS = ("init", "run", "random")
+
+
+def direction_seed(seed: int, k: int) -> int:
+    """The seed of direction ``k`` of a surface drawn with ``seed``: independent streams per direction, so that
+    direction 2 of seed s is not direction 1 of seed s + 1."""
+    return int(np.random.SeedSequence([int(seed), int(k)]).generate_state(1)[0])
+
+
+def _linspace(bounds: tuple[float, float], points: int, flag: str) -> np.ndarray:
+    low, high = float(bounds[0]), float(bounds[1])
+    if not (np.isfinite(low) and np.isfinite(high) and low < high):
+        raise ConfigError(f"{flag} needs finite A < B, got {low} {high}")
+    if isinstance(points, bool) or not isinstance(points, int) or points < 2:
+        raise ConfigError(f"the number of points along {flag} must be an integer >= 2, got {points!r}")
+    return np.linspace(low, high, points, dtype=np.float64)
+
+
+def _progress_bar(total: int, initial: int, enabled: bool, what: str):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, initial=initial, disable=not enabled, desc=what, unit="cell", file=sys.stderr)
+
+
+def _run_grid(
+    *,
+    out: Path,
+    kind: str,
+    identity: Mapping[str, Any],
+    axes: Mapping[str, np.ndarray],
+    shape: tuple[int, ...],
+    coefficients: Sequence[Cell],
+    job: GridJob,
+    meta: Mapping[str, Any],
+    existing: Result | None,
+    executor: Any,
+    ray_address: str | None,
+    workers: int | None,
+    progress: bool,
+    chunk_size: int | None,
+) -> Result:
+    """Compute the cells of ``shape`` (cell number = flat row-major index) not yet done; save after each chunk.
+
+    ``executor``: a name (``serial``, ``ray``) or an object with ``name`` and ``run(job, chunks, on_chunk)``.
+    """
+    if existing is not None:
+        loss = np.array(existing.arrays["loss"], dtype=np.float64)
+        metric = np.array(existing.arrays["metric"], dtype=np.float64)
+        done = np.array(existing.arrays["done"], dtype=bool)
+        if loss.shape != shape:
+            raise ConfigError(f"{out} holds a grid of shape {loss.shape}, expected {shape}; pass --overwrite")
+        clock = Stopwatch(float(existing.meta.get("wall_time_s", 0.0)))
+    else:
+        loss, done = new_grid(shape)
+        metric = np.full(shape, np.nan, dtype=np.float64)
+        clock = Stopwatch()
+    fixed_meta = {
+        **meta,
+        "identity": dict(identity),
+        "versions": environment_versions(),
+        "git_revision": git_revision(),
+        "executor": executor if isinstance(executor, str) else executor.name,
+    }
+
+    def save(complete: bool) -> Result:
+        arrays = {**axes, "loss": loss, "metric": metric, "done": done}
+        return save_result(Result(kind, arrays, {**fixed_meta, "complete": complete, "wall_time_s": clock()}), out)
+
+    flat_done = done.reshape(-1)
+    pending = [(number, coefficients[number]) for number in np.flatnonzero(~flat_done).tolist()]
+    if existing is None:
+        save(complete=False)  # from now on, a rerun with other parameters is refused
+    if pending:
+        runner = (
+            make_executor(executor, address=ray_address, workers=workers) if isinstance(executor, str) else executor
+        )
+        if chunk_size is None:
+            # Serial: save after every cell (a save is a few ms). Ray: a few chunks per worker keeps all busy.
+            chunk_size = 1 if runner.name == "serial" else max(1, len(pending) // (4 * (workers or 2)))
+        bar = _progress_bar(flat_done.size, int(flat_done.sum()), progress, kind)
+        flat_loss, flat_metric = loss.reshape(-1), metric.reshape(-1)
+
+        def on_chunk(results: list[tuple[int, float, float]]) -> None:
+            for number, cell_loss, cell_metric in results:
+                flat_loss[number], flat_metric[number], flat_done[number] = cell_loss, cell_metric, True
+            save(complete=False)
+            bar.update(len(results))
+
+        try:
+            runner.run(job, chunked(pending, chunk_size), on_chunk)
+        finally:
+            bar.close()
+    return save(complete=bool(done.all()))
+
+
+def _data_identity(run: Run, split: str, samples: int | None, seed: int) -> dict[str, Any]:
+    return {
+        "task": run.task.name,
+        "data_dir": str(run.data_dir),
+        "split": split,
+        "samples": samples,
+        "data_seed": seed,
+        "max_length": run.max_length,
+        "model": run.model,
+    }
+
+
+def compute_surface(
+    run_path: str | Path,
+    out: str | Path,
+    *,
+    dims: int = 2,
+    grid: int | tuple[int, int] = 25,
+    range_a: tuple[float, float] = (-1.0, 1.0),
+    range_b: tuple[float, float] | None = None,
+    norm: str = "filter",
+    ignore_1d: bool = True,
+    orthogonal: bool = False,
+    seed: int = 0,
+    split: str = "dev",
+    samples: int | None = 256,
+    task: str | None = None,
+    data_dir: str | Path | None = None,
+    weights: str = "final",
+    executor: str = "serial",
+    ray_address: str | None = None,
+    workers: int | None = None,
+    batch_size: int = 32,
+    overwrite: bool = False,
+    progress: bool = False,
+    chunk_size: int | None = None,
+) -> Result:
+    """Loss and metric of the run's ``weights`` on a 1-D (``dims=1``) or 2-D grid along random directions.
+
+    ``grid``: points per axis (an int for all axes, or ``(n_a, n_b)``). Directions: zero-mean Gaussian, drawn
+    with :func:`direction_seed` ``(seed, k)``, normalised per ``norm`` (``filter``/``layer``/``model``), 1-D
+    parameters zero when ``ignore_1d``, the second orthogonalised against the first when ``orthogonal``; saved to
+    ``out/directions.safetensors``. Data: ``samples`` examples of ``split`` drawn with ``seed`` (None or at least
+    the split's size: all). Returns the ``surface`` result (arrays ``a``, ``b`` for 2-D, ``loss``, ``metric``,
+    ``done``; see docs/results.md).
+    """
+    if dims not in (1, 2):
+        raise ConfigError(f"dims must be 1 or 2, got {dims!r}")
+    if norm not in NORMS:
+        raise ConfigError(f"norm must be one of {', '.join(NORMS)}, got {norm!r}")
+    if executor not in EXECUTORS:
+        raise ConfigError(f"executor must be one of {', '.join(EXECUTORS)}, got {executor!r}")
+    n_a, n_b = (grid, grid) if isinstance(grid, int) else (int(grid[0]), int(grid[1]))
+    a = _linspace(range_a, n_a, "the range of a")
+    b = _linspace(range_b or range_a, n_b, "the range of b") if dims == 2 else None
+    out = Path(out)
+    run = open_run(run_path, task=task, data_dir=data_dir)
+    loaded = load_run_model(run, weights)
+    theta = read_run_weights(run, loaded.model, weights)
+    checkpoint_sha = content_hash(theta)
+    subset = select_subset(run, loaded.tokenizer, split=split, samples=samples, seed=seed, batch_size=batch_size)
+    identity = {
+        "kind": "surface",
+        "dims": dims,
+        "a": a.tolist(),
+        "b": None if b is None else b.tolist(),
+        "norm": norm,
+        "ignore_1d": ignore_1d,
+        "orthogonal": orthogonal,
+        "direction_seed": seed,
+        "weights": weights,
+        "checkpoint_sha256": checkpoint_sha,
+        **_data_identity(run, split, samples, seed),
+    }
+    existing = resume_or_start(out, "surface", identity, overwrite=overwrite)
+    directions_path = out / DIRECTIONS_FILE
+    if existing is not None and existing.meta.get("complete"):
+        return existing
+    if existing is None or not directions_path.is_file():
+        with torch.no_grad():
+            kinds = layer_kinds(loaded.model)
+            d = [
+                random_direction(theta, seed=direction_seed(seed, k), norm=norm, ignore_1d=ignore_1d, kinds=kinds)
+                for k in range(dims)
+            ]
+            if orthogonal and dims == 2:
+                d[1] = orthogonalize(d[1], d[0])
+        out.mkdir(parents=True, exist_ok=True)
+        save_directions(
+            directions_path,
+            d,
+            {
+                "kind": "random",
+                "seed": seed,
+                "norm": norm,
+                "ignore_1d": ignore_1d,
+                "orthogonal": orthogonal,
+                "checkpoint_sha256": checkpoint_sha,
+            },
+        )
+    del loaded, theta  # the executor's workers load their own copies
+    if dims == 2:
+        assert b is not None
+        shape: tuple[int, ...] = (n_b, n_a)
+        coefficients = [(float(a[i]), float(b[j])) for j in range(n_b) for i in range(n_a)]
+        axes = {"a": a, "b": b}
+    else:
+        shape, coefficients, axes = (n_a,), [(float(x),) for x in a], {"a": a}
+    job = GridJob(
+        run_path=str(run.path),
+        task=task,
+        data_dir=None if data_dir is None else str(data_dir),
+        weights=weights,
+        directions_file=str(directions_path),
+        split=split,
+        samples=samples,
+        seed=seed,
+        batch_size=batch_size,
+    )
+    meta = {
+        "dims": dims,
+        "run": run.describe(),
+        "data": subset.describe(),
+        "checkpoint_sha256": checkpoint_sha,
+        "metric_name": run.task.primary_metric,
+        "weights": weights,
+        "directions": {
+            "file": DIRECTIONS_FILE,
+            "seed": seed,
+            "norm": norm,
+            "ignore_1d": ignore_1d,
+            "orthogonalize": orthogonal,
+        },
+    }
+    return _run_grid(
+        out=out,
+        kind="surface",
+        identity=identity,
+        axes=axes,
+        shape=shape,
+        coefficients=coefficients,
+        job=job,
+        meta=meta,
+        existing=existing,
+        executor=executor,
+        ray_address=ray_address,
+        workers=workers,
+        progress=progress,
+        chunk_size=chunk_size,
+    )
+
+
+def interpolation_direction(
+    theta0: Mapping[str, torch.Tensor], theta1: Mapping[str, torch.Tensor]
+) -> dict[str, torch.Tensor]:
+    """``θ1 − θ0`` in float64 (exact for float32 weights), so that ``θ1 + (−1)·(θ1 − θ0)`` rounds back to θ0."""
+    check_same_keys_and_shapes(theta0, theta1, "the two checkpoints θ0 and θ1")
+    return {
+        name: t1.detach().to(torch.float64) - theta0[name].detach().to(torch.float64) for name, t1 in theta1.items()
+    }
+
+
+def compute_interpolation(
+    run_path: str | Path,
+    out: str | Path,
+    *,
+    to: str | Path | None = None,
+    random: bool = False,
+    alpha_range: tuple[float, float] = (-1.0, 1.0),
+    points: int = 21,
+    norm: str = "filter",
+    ignore_1d: bool = True,
+    seed: int = 0,
+    split: str = "dev",
+    samples: int | None = 256,
+    task: str | None = None,
+    data_dir: str | Path | None = None,
+    executor: str = "serial",
+    ray_address: str | None = None,
+    workers: int | None = None,
+    batch_size: int = 32,
+    overwrite: bool = False,
+    progress: bool = False,
+    chunk_size: int | None = None,
+) -> Result:
+    """``L(θ1 + α(θ1 − θ0))`` for ``points`` values of α in ``alpha_range`` (FSAM Fig. 5).
+
+    θ1 is the run's final weights. θ0 is, by default, the run's ``init.safetensors`` (the pretrained encoder
+    plus the seeded head the run started from); with ``to``, the final weights of that other run (same
+    architecture and head, else :class:`CheckpointError`); with ``random``, ``θ1 − θ0`` is replaced by a seeded
+    random direction normalised per ``norm``. α = 0 gives θ1 and α = −1 gives θ0, bitwise.
+    """
+    if to is not None and random:
+        raise ConfigError("choose either another run (--to) or a random direction (--random), not both")
+    alpha = _linspace(alpha_range, points, "--alpha")
+    out = Path(out)
+    run = open_run(run_path, task=task, data_dir=data_dir)
+    loaded = load_run_model(run, "final")
+    theta1 = read_run_weights(run, loaded.model, "final")
+    endpoint = "random" if random else ("run" if to is not None else "init")
+    if endpoint == "init":
+        theta0: dict[str, torch.Tensor] | None = read_run_weights(run, loaded.model, "init")
+        theta0_desc: dict[str, Any] = {"run": str(run.path), "weights": "init"}
+    elif endpoint == "run":
+        other = open_run(to, task=task, data_dir=data_dir)
+        other_tensors = read_run_weights_unchecked(other)
+        check_same_keys_and_shapes(theta1, other_tensors, f"the final weights of {run.path} and {other.path}")
+        theta0 = {name: other_tensors[name].to(theta1[name].dtype) for name in theta1}
+        theta0_desc = {"run": str(other.path), "weights": "final", "label": other.label}
+    else:
+        theta0, theta0_desc = None, {"random": True, "seed": seed, "norm": norm, "ignore_1d": ignore_1d}
+    theta1_sha = content_hash(theta1)
+    identity = {
+        "kind": "interpolation",
+        "alpha": alpha.tolist(),
+        "endpoint": endpoint,
+        "theta1_sha256": theta1_sha,
+        "theta0_sha256": None if theta0 is None else content_hash(theta0),
+        **({"norm": norm, "ignore_1d": ignore_1d, "direction_seed": seed} if random else {}),
+        **_data_identity(run, split, samples, seed),
+    }
+    existing = resume_or_start(out, "interpolation", identity, overwrite=overwrite)
+    if existing is not None and existing.meta.get("complete"):
+        return existing
+    subset = select_subset(run, loaded.tokenizer, split=split, samples=samples, seed=seed, batch_size=batch_size)
+    directions_path = out / DIRECTIONS_FILE
+    if existing is None or not directions_path.is_file():
+        if theta0 is None:
+            direction = random_direction(
+                theta1, seed=direction_seed(seed, 0), norm=norm, ignore_1d=ignore_1d, kinds=layer_kinds(loaded.model)
+            )
+        else:
+            direction = interpolation_direction(theta0, theta1)
+        out.mkdir(parents=True, exist_ok=True)
+        save_directions(directions_path, [direction], {"kind": endpoint, "theta1_sha256": theta1_sha})
+    del loaded, theta0
+    job = GridJob(
+        run_path=str(run.path),
+        task=task,
+        data_dir=None if data_dir is None else str(data_dir),
+        weights="final",
+        directions_file=str(directions_path),
+        split=split,
+        samples=samples,
+        seed=seed,
+        batch_size=batch_size,
+    )
+    meta = {
+        "run": run.describe(),
+        "data": subset.describe(),
+        "checkpoint_sha256": theta1_sha,
+        "metric_name": run.task.primary_metric,
+        "endpoint": endpoint,
+        "theta1": {"run": str(run.path), "weights": "final", "label": run.label},
+        "theta0": theta0_desc,
+    }
+    return _run_grid(
+        out=out,
+        kind="interpolation",
+        identity=identity,
+        axes={"alpha": alpha},
+        shape=(len(alpha),),
+        coefficients=[(float(x),) for x in alpha],
+        job=job,
+        meta=meta,
+        existing=existing,
+        executor=executor,
+        ray_address=ray_address,
+        workers=workers,
+        progress=progress,
+        chunk_size=chunk_size,
+    )
+
+
+def read_run_weights_unchecked(run: Run) -> dict[str, torch.Tensor]:
+    """The final weights of ``run`` as stored (names and shapes checked by the caller against the other run)."""
+    from landscape.checkpoints import read_safetensors
+
+    return read_safetensors(run.weights_file("final"))
