@@ -16,7 +16,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         description="Loss and metric along θ(α) = θ1 + α(θ1 − θ0): θ1 is the run's final weights, θ0 its "
         "init.safetensors (α = -1), or --to RUN2's final weights, or a random direction (--random).",
     )
-    parser.add_argument("run_dir", metavar="RUN", help="run directory written by landscape train (θ1 = its final weights)")
+    parser.add_argument(
+        "run_dir", metavar="RUN", help="run directory written by landscape train (θ1 = its final weights)"
+    )
     parser.add_argument("--to", metavar="RUN2", help="θ0 = the final weights of RUN2 (same architecture and head)")
     parser.add_argument("--random", action="store_true", help="a seeded random direction instead of θ1 − θ0")
     parser.add_argument(
