@@ -19,7 +19,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import MISSING, dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -33,15 +33,18 @@ from landscape.checkpoints import (
     list_checkpoints,
     load_training_state,
     load_weights_into,
+    model_parameters,
+    read_safetensors,
     save_training_state,
     save_weights,
 )
 from landscape.config import config_dict
 from landscape.data import EncodedSplit, collate, default_cache_dir, encode_split
-from landscape.errors import ConfigError, LandscapeError
+from landscape.errors import CheckpointError, ConfigError, LandscapeError
 from landscape.evaluation import evaluate
 from landscape.losses import per_example_loss
 from landscape.models import load_model, load_tokenizer
+from landscape.params import content_hash
 from landscape.tasks import TaskSpec, get_task, load_split, resolve_data_dir, subsample_indices
 from optimizers import (
     BASE_OPTIMIZERS,
@@ -113,6 +116,9 @@ class TrainConfig:
     rho_min: float = 0.0  # GSAM: rho at learning rate 0
     esam_beta: float = 0.6  # ESAM: probability of perturbing a coordinate
     esam_gamma: float = 0.5  # ESAM: fraction of the batch selected for the descent
+    # --- transfer (analyses.transfer): start from another run's encoder, optionally train the head alone
+    init_from: str | None = None  # .safetensors file or run directory (its final.safetensors) giving the encoder
+    freeze_encoder: bool = False  # linear probe: only the classification head is trained
 
     def resolved(self) -> TrainConfig:
         """Fill the task-dependent defaults (lr, epochs, out) and validate every value."""
@@ -286,8 +292,94 @@ def prepare_data(config: TrainConfig) -> PreparedData:
 
 
 def _comparable(config: dict[str, Any]) -> dict[str, Any]:
-    """The parts of a config that must match for ``--resume`` (paths may be spelled differently)."""
-    return {k: v for k, v in config.items() if k not in ("out", "data_dir")}
+    """The parts of a config that must match for ``--resume`` (paths may be spelled differently).
+
+    Options added to :class:`TrainConfig` after a run was written take their defaults, so older runs still resume.
+    """
+    defaults = {f.name: f.default for f in fields(TrainConfig) if f.default is not MISSING}
+    return {k: v for k, v in {**defaults, **config}.items() if k not in ("out", "data_dir")}
+
+
+def head_parameter_names(model: torch.nn.Module) -> list[str]:
+    """Names of the task head's parameters: those outside the pretrained base model (``model.base_model_prefix``).
+
+    For BERT these are ``classifier.weight`` and ``classifier.bias``; the pooler belongs to the encoder.
+    """
+    prefix = getattr(model, "base_model_prefix", "")
+    if not prefix or not hasattr(model, prefix):
+        raise ConfigError(f"cannot tell the head from the encoder of {type(model).__name__} (no base model prefix)")
+    return [name for name in model_parameters(model) if not name.startswith(prefix + ".")]
+
+
+def init_weights_file(source: str | Path) -> Path:
+    """The ``.safetensors`` file that ``--init-from`` designates: the file itself, or a run's final weights."""
+    path = Path(source)
+    if path.is_dir():
+        final = path / "final.safetensors"
+        if not final.is_file():
+            hint = " (the run has not finished)" if (path / "run.json").is_file() else ""
+            raise CheckpointError(f"--init-from {path} holds no final.safetensors{hint}; expected a finished run")
+        return final
+    if not path.exists():
+        raise CheckpointError(f"--init-from {path} does not exist; expected a .safetensors file or a run directory")
+    return path
+
+
+def load_encoder_from(model: torch.nn.Module, source: str | Path) -> dict[str, Any]:
+    """Copy the encoder weights of ``source`` into ``model``; the head keeps its fresh, seeded values.
+
+    Every encoder parameter must be in ``source`` with the same shape, and ``source`` may hold no other encoder
+    tensor (else :class:`CheckpointError`: another architecture). Tensors of ``source`` outside the encoder (the
+    source task's head, whatever its shape) are not used. Returns the record that ``run.json`` keeps.
+    """
+    path = init_weights_file(source)
+    found = read_safetensors(path)
+    params = model_parameters(model)
+    head = set(head_parameter_names(model))
+    prefix = model.base_model_prefix + "."
+    encoder = {name: param for name, param in params.items() if name not in head}
+    missing = sorted(name for name in encoder if name not in found)
+    unexpected = sorted(name for name in found if name.startswith(prefix) and name not in encoder)
+    shapes = sorted(
+        f"{name} {tuple(found[name].shape)} vs {tuple(param.shape)}"
+        for name, param in encoder.items()
+        if name in found and found[name].shape != param.shape
+    )
+    if missing or unexpected or shapes:
+        problems = [
+            f"{len(names)} {what} (e.g. {names[0]})"
+            for names, what in ((missing, "missing"), (unexpected, "unexpected"), (shapes, "of other shape"))
+            if names
+        ]
+        raise CheckpointError(
+            f"--init-from {path}: its encoder does not fit the model ({', '.join(problems)}); "
+            "expected weights of the same architecture"
+        )
+    with torch.no_grad():
+        for name, param in encoder.items():
+            param.copy_(found[name])
+    return {
+        "file": str(path),
+        "source_sha256": content_hash(found),
+        "loaded": sorted(encoder),
+        "kept_fresh": sorted(head),
+        "not_used": {name: list(found[name].shape) for name in sorted(set(found) - set(encoder))},
+    }
+
+
+def freeze_all_but_head(model: torch.nn.Module) -> list[str]:
+    """Turn off ``requires_grad`` outside the head (linear probe); return the names still trained."""
+    head = set(head_parameter_names(model))
+    for name, param in model_parameters(model).items():
+        param.requires_grad_(name in head)
+    return sorted(head)
+
+
+def set_train_mode(model: torch.nn.Module, config: TrainConfig) -> None:
+    """Training mode; a frozen encoder stays in eval mode (no dropout), so the probe sees fixed features."""
+    model.train()
+    if config.freeze_encoder:
+        model.base_model.eval()
 
 
 def prepare_run_dir(run_dir: Path, config: TrainConfig, *, resume: bool, overwrite: bool) -> bool:
@@ -390,6 +482,9 @@ def train(
 
     loaded = load_model(config.model, data.task, seed=config.seed, dropout=config.dropout)
     model = loaded.model
+    # θ0 of a transfer run: the other run's encoder and this task's fresh head (a resumed run reloads its own θ0).
+    init_record = load_encoder_from(model, config.init_from) if config.init_from and not resuming else None
+    trainable = freeze_all_but_head(model) if config.freeze_encoder else None
     base = make_base_optimizer(
         config.optimizer, model, lr=config.lr, weight_decay=config.weight_decay, momentum=config.momentum
     )
@@ -432,11 +527,15 @@ def train(
         "status": "running",
         "command": sys.argv,
     }
+    if trainable is not None:
+        run_info["trained_parameters"] = trainable
     if resuming:
         previous = json.loads((run_dir / "run.json").read_text())
         if previous.get("status") == "completed" and (run_dir / "final.safetensors").exists():
             return TrainResult(run_dir, previous.get("dev_metrics", {}), previous["total_steps"], None)
         run_info["started"] = previous.get("started", started)
+        if "init_from" in previous:
+            run_info["init_from"] = previous["init_from"]
         found = list_checkpoints(checkpoints_dir)
         if found:
             meta = load_training_state(found[-1], model=model, optimizer=optimizer, scheduler=scheduler)
@@ -447,6 +546,8 @@ def train(
         log.truncate_after(start_step)
     else:
         run_info["started"] = started
+        if init_record is not None:
+            run_info["init_from"] = init_record
         save_weights(run_dir / "init.safetensors", model, {"landscape": "init", "task": data.task.name})
         log.truncate_after(0)
     write_json(run_dir / "run.json", run_info)
@@ -454,7 +555,7 @@ def train(
     # Dropout draws from the global RNG; seeding it here (a resumed run restores it instead) fixes every mask.
     if resumed_from is None:
         torch.manual_seed(config.seed)
-    model.train()
+    set_train_mode(model, config)
 
     bar = tqdm(total=total_steps, initial=start_step, desc=f"train {data.task.name}", disable=not progress)
     dev_metrics: dict[str, float] = {}

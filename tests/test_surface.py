@@ -307,3 +307,25 @@ def test_cli_interpolate_task_override_and_missing_run(tiny_run, tmp_path, capsy
         main(["interpolate", str(tiny_run), "--points", "3", "--samples", "4", "--out", str(out), "--no-progress"]) == 0
     )
     assert load_result(out).meta["data"]["task"] == "sst2"
+
+
+def test_a_cell_does_not_depend_on_the_cells_before_it(tiny_run):
+    """PITFALLS 9: a point is written from θ, so after 50 other cells it is bitwise what it is when computed first,
+    and within float32 rounding of the float64 combination."""
+    from landscape.params import combine
+
+    loaded, subset = tiny_subset(tiny_run)
+    model = loaded.model
+    theta = {name: p.detach().clone() for name, p in model.named_parameters()}
+    generator = torch.Generator().manual_seed(0)
+    d1, d2 = ({name: torch.randn(t.shape, generator=generator) for name, t in theta.items()} for _ in range(2))
+    with CellEvaluator(model, subset, [d1, d2]) as evaluator:
+        evaluator.set_point((0.3, -0.7))
+        first = {name: p.detach().clone() for name, p in model.named_parameters()}
+        for step in np.linspace(-1, 1, 50):
+            evaluator.set_point((step, 0.1 * step))
+        evaluator.set_point((0.3, -0.7))
+        reference = combine(theta, [(0.3, d1), (-0.7, d2)])
+        for name, p in model.named_parameters():
+            assert p.detach().numpy().tobytes() == first[name].numpy().tobytes(), name
+            torch.testing.assert_close(p.detach(), reference[name], rtol=2e-7, atol=2e-7)

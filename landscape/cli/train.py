@@ -51,6 +51,9 @@ HELP = {
     "rho_min": "GSAM: rho at learning rate 0",
     "esam_beta": "ESAM: probability of perturbing each coordinate",
     "esam_gamma": "ESAM: fraction of the batch used for the descent",
+    "init_from": "start from the encoder of this .safetensors file or run directory (its final weights); "
+    "the head is this task's fresh, seeded one",
+    "freeze_encoder": "linear probe: train the classification head only (the encoder is frozen, in eval mode)",
 }
 CHOICES = {"optimizer": BASE_OPTIMIZERS, "sam": SAM_VARIANTS, "fisher_mode": FISHER_MODES}
 

@@ -1,0 +1,220 @@
+"""Benchmark: the cost of a 2-D loss surface against bare forwards, and against ``loss_landscapes.random_plane``.
+
+On ``minilm`` with an 11 × 11 grid over 64 real examples (CoLA dev by default), in one process:
+
+1. ``t_forward``: the median time of one bare eval-mode forward over the same 64 examples (the same batches);
+2. ``landscape.surface.compute_surface`` end to end (loading, directions, 121 cells, a result save per cell);
+   the goal is total ≤ 1.10 × 121 × ``t_forward``;
+3. ``loss_landscapes.random_plane`` (PyPI ``loss-landscapes``) on the same model, grid size and batches, timed,
+   and whether it leaves the model as it found it (weights bitwise, ``requires_grad`` flags, train/eval modes),
+   next to the same check for ours.
+
+    HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/surface.py --data-dir ../shared/data
+
+Writes ``benchmarks/results/surface.{json,md}``. Needs ``pip install loss-landscapes`` (the ``bench`` extra).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from landscape.atomic import write_json, write_text  # noqa: E402
+from landscape.checkpoints import save_weights  # noqa: E402
+from landscape.losses import model_inputs  # noqa: E402
+from landscape.models import load_model  # noqa: E402
+from landscape.runs import evaluate_subset, open_run, select_subset  # noqa: E402
+from landscape.surface import compute_surface  # noqa: E402
+from landscape.tasks import get_task  # noqa: E402
+
+
+def model_state(model: torch.nn.Module) -> tuple[dict[str, bytes], dict[str, bool], dict[str, bool]]:
+    """Weights (bytes), requires_grad flags and module modes: what "left as found" compares."""
+    weights = {name: p.detach().numpy().tobytes() for name, p in model.named_parameters()}
+    flags = {name: p.requires_grad for name, p in model.named_parameters()}
+    modes = {name: m.training for name, m in model.named_modules()}
+    return weights, flags, modes
+
+
+def compare_states(before, after) -> dict[str, object]:
+    changed_weights = sum(before[0][k] != after[0][k] for k in before[0])
+    changed_flags = sum(before[1][k] != after[1][k] for k in before[1])
+    changed_modes = sum(before[2][k] != after[2][k] for k in before[2])
+    return {
+        "left_as_found": changed_weights == changed_flags == changed_modes == 0,
+        "tensors_changed": int(changed_weights),
+        "requires_grad_flags_changed": int(changed_flags),
+        "module_modes_changed": int(changed_modes),
+    }
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--data-dir", default=str(REPO.parent / "shared" / "data"))
+    parser.add_argument("--task", default="cola")
+    parser.add_argument("--grid", type=int, default=11)
+    parser.add_argument("--samples", type=int, default=64)
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--forward-repeats", type=int, default=10)
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (1: steadier on a shared machine)")
+    parser.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "surface"))
+    parser.add_argument("--skip-peer", action="store_true", help="do not run loss_landscapes")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    load_start = os.getloadavg()
+
+    with tempfile.TemporaryDirectory() as tmp:
+        # A run directory holding MiniLM with a seeded head for the task: the surface needs only run.json + weights.
+        run_dir = Path(tmp) / "run"
+        run_dir.mkdir()
+        task = get_task(args.task)
+        loaded = load_model("minilm", task, seed=0)
+        # The freshly initialised biases (classifier, pooler) are all zero, on which loss_landscapes divides by
+        # zero: its filter normalisation rescales a 1-D tensor as a whole and then again element by element.
+        # Trained biases are nonzero; draw small seeded ones so that both tools run on the same model.
+        generator = torch.Generator().manual_seed(0)
+        with torch.no_grad():
+            for parameter in loaded.model.parameters():
+                if parameter.dim() == 1 and not parameter.any():
+                    parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.02)
+        save_weights(run_dir / "final.safetensors", loaded.model)
+        config = {"task": task.name, "model": "minilm", "data_dir": args.data_dir, "max_length": 128, "seed": 0}
+        (run_dir / "run.json").write_text(json.dumps({"config": config}))
+        run = open_run(run_dir)
+        model = loaded.model
+        model.eval()
+        subset = select_subset(run, loaded.tokenizer, samples=args.samples, seed=0, batch_size=args.batch_size)
+
+        def bare_forward() -> float:
+            start = time.perf_counter()
+            with torch.inference_mode():
+                for batch in subset.batches:
+                    model(**model_inputs(batch))
+            return time.perf_counter() - start
+
+        bare_forward()  # warm-up
+        forwards = [bare_forward() for _ in range(args.forward_repeats)]
+        t_forward = statistics.median(forwards)
+        cells = args.grid * args.grid
+
+        start = time.perf_counter()
+        ours = compute_surface(run_dir, Path(tmp) / "surface", grid=args.grid, samples=args.samples, seed=0,
+                               batch_size=args.batch_size)  # fmt: skip
+        ours_total = time.perf_counter() - start
+        ours_grid = float(ours.meta["wall_time_s"])
+
+        # Ours on a model the caller holds: the CellEvaluator's restore guarantee, checked the same way.
+        from landscape.directions import load_directions
+        from landscape.grids import CellEvaluator
+
+        directions, _ = load_directions(Path(tmp) / "surface" / "directions.safetensors")
+        before = model_state(model)
+        with CellEvaluator(model, subset, directions) as evaluator:
+            evaluator((0.5, -0.5))
+        ours_state = compare_states(before, model_state(model))
+
+        peer: dict[str, object] = {"ran": False}
+        if not args.skip_peer:
+            try:
+                import loss_landscapes
+                from loss_landscapes.metrics import Metric
+            except ImportError:
+                peer = {"ran": False, "reason": "loss-landscapes is not installed (pip install loss-landscapes)"}
+            else:
+
+                class SubsetLoss(Metric):
+                    """The same evaluation as ours: mean per-example loss over the same batches."""
+
+                    def __call__(self, model_wrapper) -> float:
+                        return evaluate_subset(model, subset).loss
+
+                before = model_state(model)
+                start = time.perf_counter()
+                peer_values = loss_landscapes.random_plane(model, SubsetLoss(), distance=1, steps=args.grid,
+                                                           normalization="filter", deepcopy_model=False)  # fmt: skip
+                peer_total = time.perf_counter() - start
+                peer = {
+                    "ran": True,
+                    "version": _version("loss-landscapes"),
+                    "total_s": peer_total,
+                    "ratio_to_cells_x_forward": peer_total / (cells * t_forward),
+                    "values_shape": list(np.asarray(peer_values).shape),
+                    "finite_values": int(np.isfinite(np.asarray(peer_values, dtype=float)).sum()),
+                    **compare_states(before, model_state(model)),
+                }
+
+    goal = 1.10
+    ratio_total = ours_total / (cells * t_forward)
+    report = {
+        "task": args.task, "grid": [args.grid, args.grid], "samples": args.samples, "batch_size": args.batch_size,
+        "threads": args.threads, "load_average_start": load_start, "load_average_end": os.getloadavg(),
+        "t_forward_s": t_forward, "t_forward_all_s": forwards, "cells": cells,
+        "ours": {"total_s": ours_total, "grid_only_s": ours_grid, "ratio_total": ratio_total,
+                 "ratio_grid_only": ours_grid / (cells * t_forward), "goal": goal, "pass": ratio_total <= goal,
+                 **ours_state},
+        "loss_landscapes": peer,
+        "torch": torch.__version__,
+    }  # fmt: skip
+    if peer.get("ran"):
+        report["peer_over_ours"] = float(peer["total_s"]) / ours_total
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    write_json(out.with_suffix(".json"), report)
+    write_text(out.with_suffix(".md"), markdown(report))
+    print(markdown(report))
+    return 0
+
+
+def _version(name: str) -> str:
+    import importlib.metadata
+
+    try:
+        return importlib.metadata.version(name)
+    except importlib.metadata.PackageNotFoundError:
+        return "?"
+
+
+def markdown(r: dict) -> str:
+    ours, peer = r["ours"], r["loss_landscapes"]
+    lines = [
+        f"# Surface benchmark: minilm, {r['grid'][0]}×{r['grid'][1]} grid, {r['samples']} {r['task']} dev examples",
+        "",
+        f"torch {r['torch']}, {r['threads']} thread(s); load average {r['load_average_start'][0]:.2f} at the start, "
+        f"{r['load_average_end'][0]:.2f} at the end. One bare eval-mode forward over the examples: "
+        f"median {r['t_forward_s']:.3f} s of {len(r['t_forward_all_s'])}.",
+        "",
+        "| | total (s) | ÷ (cells × forward) | goal | verdict | left the model as found |",
+        "|---|---:|---:|---:|---|---|",
+        f"| ours, end to end | {ours['total_s']:.1f} | {ours['ratio_total']:.3f} | ≤ {ours['goal']:.2f} | "
+        f"{'PASS' if ours['pass'] else 'FAIL'} | {'yes' if ours['left_as_found'] else 'no'} |",
+        f"| ours, grid only (no loading) | {ours['grid_only_s']:.1f} | {ours['ratio_grid_only']:.3f} | | | |",
+    ]
+    if peer.get("ran"):
+        found = "yes" if peer["left_as_found"] else (
+            f"no: {peer['tensors_changed']} tensors moved, {peer['requires_grad_flags_changed']} requires_grad "
+            f"flags changed, {peer['module_modes_changed']} module modes changed"
+        )  # fmt: skip
+        lines.append(
+            f"| loss_landscapes.random_plane {peer['version']} | {peer['total_s']:.1f} | "
+            f"{peer['ratio_to_cells_x_forward']:.3f} | | | {found} |"
+        )
+        lines += ["", f"loss_landscapes / ours (end to end): {r['peer_over_ours']:.3f}×."]
+    else:
+        lines += ["", f"loss_landscapes not run: {peer.get('reason', '--skip-peer')}"]
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    sys.exit(main())
