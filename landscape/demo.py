@@ -1,0 +1,256 @@
+"""The end-to-end demo: fine-tune with AdamW, SAM, FSAM and δ-SAM, analyse every run, draw the figures, write a report.
+
+Each stage is one ``landscape`` command run in this process (so the demo does exactly what a user would type),
+and each is skipped when its output is already complete: a finished run has ``final.safetensors``, a finished
+analysis a result whose ``meta.json`` says ``complete``. An interrupted demo started again therefore resumes
+where it stopped; the training and surface stages themselves resume mid-way.
+
+Layout under ``out``::
+
+    runs/<optimizer>/                 a training run (run.json, init/final.safetensors, metrics.jsonl)
+    runs/<optimizer>/analyses/<name>/ its analyses: interpolation, surface, hessian, fisher, sharpness
+    figures/                          every figure (PDF, PNG, interactive HTML)
+    report.html                       the self-contained report
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from landscape.errors import ConfigError
+
+# The optimizers the demo compares: (folder name, `landscape train` options).
+OPTIMIZERS: tuple[tuple[str, tuple[str, ...]], ...] = (
+    ("adamw", ("--optimizer", "adamw")),
+    ("sam", ("--optimizer", "adamw", "--sam", "sam")),
+    ("fsam", ("--optimizer", "adamw", "--sam", "fsam")),
+    ("delta-sam", ("--optimizer", "adamw", "--sam", "delta-sam")),
+)
+
+
+@dataclass(frozen=True)
+class Budget:
+    """How much of everything the demo computes; :data:`FULL` fits 15 minutes on 2 CPU cores (SST-2, MiniLM)."""
+
+    train_steps: int
+    batch_size: int
+    lr: float
+    eval_every: int
+    max_length: int
+    fisher_samples: int  # FSAM's N_Fisher per mask refresh
+    mask_interval: int  # FSAM's F_i
+    samples: int  # examples of every analysis (dev split)
+    interpolation_points: int
+    grid: int  # the 2-D surface is grid × grid
+    top_k: int
+    trace_samples: int
+    rho: tuple[float, ...]
+    sigma: tuple[float, ...]
+    gaussian_samples: int
+    pgd_steps: int
+
+
+FULL = Budget(
+    train_steps=150,
+    batch_size=32,
+    lr=5e-5,
+    eval_every=30,
+    max_length=64,
+    fisher_samples=32,
+    mask_interval=50,
+    samples=128,
+    interpolation_points=21,
+    grid=11,
+    top_k=3,
+    trace_samples=10,
+    rho=(0.01, 0.05, 0.1),
+    sigma=(0.001, 0.005),
+    gaussian_samples=4,
+    pgd_steps=3,
+)
+QUICK = Budget(
+    train_steps=4,
+    batch_size=8,
+    lr=5e-5,
+    eval_every=2,
+    max_length=32,
+    fisher_samples=8,
+    mask_interval=2,
+    samples=16,
+    interpolation_points=5,
+    grid=3,
+    top_k=2,
+    trace_samples=3,
+    rho=(0.05,),
+    sigma=(0.005,),
+    gaussian_samples=2,
+    pgd_steps=2,
+)
+
+
+@dataclass(frozen=True)
+class Stage:
+    """One command of the demo: its label, its ``landscape`` argv, and how to tell it is already done."""
+
+    label: str
+    argv: tuple[str, ...]
+    is_done: Callable[[], bool]
+
+
+def _result_complete(directory: Path) -> bool:
+    meta = directory / "meta.json"
+    if not meta.is_file():
+        return False
+    try:
+        return bool(json.loads(meta.read_text(encoding="utf-8")).get("complete", True))
+    except ValueError:
+        return False
+
+
+def plan(out: Path, *, task: str, model: str, data_dir: str | None, budget: Budget, seed: int) -> list[Stage]:
+    """Every stage of the demo, in order."""
+    data = ["--data-dir", data_dir] if data_dir else []
+    stages: list[Stage] = []
+    runs = []
+    for name, options in OPTIMIZERS:
+        run = out / "runs" / name
+        runs.append(run)
+        argv = [
+            "train",
+            "--task",
+            task,
+            "--model",
+            model,
+            *data,
+            *options,
+            "--out",
+            str(run),
+            "--max-steps",
+            str(budget.train_steps),
+            "--batch-size",
+            str(budget.batch_size),
+            "--lr",
+            str(budget.lr),
+            "--eval-every",
+            str(budget.eval_every),
+            "--max-length",
+            str(budget.max_length),
+            "--seed",
+            str(seed),
+            "--fisher-samples",
+            str(budget.fisher_samples),
+            "--mask-interval",
+            str(budget.mask_interval),
+        ]
+        if (run / "run.json").is_file():
+            argv.append("--resume")
+        stages.append(Stage(f"train {name}", tuple(argv), (run / "final.safetensors").is_file))
+    common = ["--samples", str(budget.samples), "--seed", str(seed)]
+    for run in runs:
+        analyses = run / "analyses"
+        name = run.name
+        per_run = [
+            ("interpolation", ["interpolate", str(run), "--points", str(budget.interpolation_points)]),
+            ("surface", ["surface", str(run), "--grid", str(budget.grid)]),
+            (
+                "hessian",
+                [
+                    "hessian",
+                    str(run),
+                    "--top-k",
+                    str(budget.top_k),
+                    "--trace",
+                    "--trace-samples",
+                    str(budget.trace_samples),
+                ],
+            ),
+            ("fisher", ["fisher", str(run)]),
+            (
+                "sharpness",
+                [
+                    "sharpness",
+                    str(run),
+                    "--rho",
+                    *map(str, budget.rho),
+                    "--sigma",
+                    *map(str, budget.sigma),
+                    "--gaussian-samples",
+                    str(budget.gaussian_samples),
+                    "--pgd-steps",
+                    str(budget.pgd_steps),
+                ],
+            ),
+        ]
+        for kind, argv in per_run:
+            target = analyses / kind
+            stages.append(
+                Stage(f"{kind} {name}", (*argv, *common, "--out", str(target)), lambda t=target: _result_complete(t))
+            )
+    # Figures and report are cheap and always redrawn from the results.
+    run_args = [str(run) for run in runs]
+    stages.append(Stage("figures", ("figures", *run_args, "--out", str(out / "figures")), lambda: False))
+    stages.append(Stage("report", ("report", *run_args, "--out", str(out / "report.html")), lambda: False))
+    return stages
+
+
+def run_demo(
+    out: str | Path,
+    *,
+    task: str = "sst2",
+    model: str = "minilm",
+    data_dir: str | None = None,
+    quick: bool = False,
+    seed: int = 42,
+    log: Callable[[str], None] | None = None,
+) -> Path:
+    """Run (or resume) every stage; return the path of the report. Raises :class:`ConfigError` on a failed stage."""
+    from landscape.cli.main import main as landscape_main
+
+    log = log or (lambda line: print(line, file=sys.stderr, flush=True))
+    out = Path(out)
+    stages = plan(out, task=task, model=model, data_dir=data_dir, budget=QUICK if quick else FULL, seed=seed)
+    started = time.perf_counter()
+    for number, stage in enumerate(stages, start=1):
+        prefix = f"[{number}/{len(stages)}] {stage.label}"
+        if stage.is_done():
+            log(f"{prefix}: already done, skipped")
+            continue
+        log(f"{prefix} ...")
+        stage_start = time.perf_counter()
+        code = landscape_main(list(stage.argv))
+        if code != 0:
+            raise ConfigError(f"demo stage '{stage.label}' failed (exit {code}): landscape {' '.join(stage.argv)}")
+        log(
+            f"{prefix}: done in {time.perf_counter() - stage_start:.0f} s (total {time.perf_counter() - started:.0f} s)"
+        )
+    return out / "report.html"
+
+
+def summary(out: str | Path, names: Sequence[str] = tuple(name for name, _ in OPTIMIZERS)) -> list[dict[str, object]]:
+    """Per run: dev metric, surface loss spread, top Hessian eigenvalue and trace, read back from the results."""
+    import numpy as np
+
+    from landscape.results import load_result
+
+    rows = []
+    for name in names:
+        run = Path(out) / "runs" / name
+        row: dict[str, object] = {"run": name}
+        run_json = json.loads((run / "run.json").read_text(encoding="utf-8"))
+        row.update({f"dev_{k}": v for k, v in (run_json.get("dev_metrics") or {}).items()})
+        surface = load_result(run / "analyses" / "surface")
+        loss = np.asarray(surface.arrays["loss"])
+        centre = loss[loss.shape[0] // 2, loss.shape[1] // 2]
+        row["surface_loss_origin"] = float(centre)
+        row["surface_mean_rise"] = float(np.nanmean(loss) - centre)  # lower: a flatter surface
+        hessian = load_result(run / "analyses" / "hessian")
+        row["top_eigenvalue"] = float(np.max(hessian.arrays["eigenvalues"]))
+        if "trace" in hessian.arrays:
+            row["trace"] = float(hessian.arrays["trace"])
+        rows.append(row)
+    return rows
