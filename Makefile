@@ -2,7 +2,7 @@
 VENV      ?= .venv
 PY        := $(VENV)/bin/python
 DATA_DIR  ?= ../shared/data
-DEMO_RUN  ?= runs/demo-mrpc-adamw
+DEMO_OUT  ?= runs/demo
 export HF_HUB_OFFLINE = 1
 
 .PHONY: setup demo test lint clean
@@ -16,10 +16,10 @@ $(VENV)/.installed: pyproject.toml
 
 setup: $(VENV)/.installed
 
-# The main job: fine-tune the offline MiniLM on real MRPC with AdamW and print dev metrics; a rerun resumes.
+# The main job: AdamW, SAM, FSAM and δ-SAM fine-tuned on real SST-2, every analysis, figures and report.html.
+# A rerun skips what is done (and resumes a stage that was interrupted).
 demo: setup
-	$(VENV)/bin/landscape train --task mrpc --model minilm --data-dir $(DATA_DIR) --epochs 3 \
-		--out $(DEMO_RUN) $(if $(wildcard $(DEMO_RUN)/run.json),--resume,)
+	$(VENV)/bin/landscape demo --data-dir $(DATA_DIR) --out $(DEMO_OUT)
 
 test: setup
 	$(VENV)/bin/python -m pytest -q

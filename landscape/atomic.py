@@ -22,6 +22,8 @@ def atomic_path(path: str | os.PathLike[str]):
     fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     tmp = Path(tmp_name)
+    # mkstemp makes the file private (0600); give it the mode a plain open() would: 0666 less the umask.
+    os.chmod(tmp, 0o666 & ~_UMASK)
     try:
         yield tmp
         with open(tmp, "rb+") as handle:
@@ -30,6 +32,15 @@ def atomic_path(path: str | os.PathLike[str]):
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+def _read_umask() -> int:
+    mask = os.umask(0)  # reading the umask means setting it; put it straight back (once, at import)
+    os.umask(mask)
+    return mask
+
+
+_UMASK = _read_umask()
 
 
 def write_bytes(path: str | os.PathLike[str], data: bytes) -> None:

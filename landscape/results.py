@@ -129,18 +129,17 @@ def _write_npz(arrays: Mapping[str, np.ndarray], tmp: Path) -> None:
 
 def save_result(result: Result, directory: str | os.PathLike[str]) -> Result:
     """Write ``result`` to ``directory`` (created if needed) atomically; return it with the completed ``meta``."""
-    from landscape.training import environment_versions, git_revision
-
     if result.meta.get("kind", result.kind) != result.kind:
         raise ConfigError(f"result meta says kind {result.meta['kind']!r} but the result is {result.kind!r}")
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     meta: dict[str, Any] = {"kind": result.kind, "saved_at": datetime.now(timezone.utc).isoformat(timespec="seconds")}
     # Versions and revision cost a git call: a caller that saves often (a resumable grid) passes them in meta.
-    if "versions" not in result.meta:
-        meta["versions"] = environment_versions()
-    if "git_revision" not in result.meta:
-        meta["git_revision"] = git_revision()
+    if "versions" not in result.meta or "git_revision" not in result.meta:
+        from landscape.training import environment_versions, git_revision  # imports torch: only when needed
+
+        meta.setdefault("versions", result.meta.get("versions") or environment_versions())
+        meta.setdefault("git_revision", result.meta.get("git_revision") or git_revision())
     meta.update(result.meta)
     # Serialise before touching the directory, so that bad metadata does not cost the previous result.
     meta["format_version"] = FORMAT_VERSION

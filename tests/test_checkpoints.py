@@ -68,3 +68,27 @@ def test_missing_and_garbage_files(tmp_path):
     garbage.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json at all")
     with pytest.raises(CheckpointError, match="safetensors"):
         read_safetensors(garbage)
+
+
+def test_a_safetensors_header_length_starting_with_0x80_is_not_taken_for_a_pickle(tmp_path):
+    """The header length is little-endian: its first byte may be 0x80, pickle's protocol marker."""
+    from safetensors.torch import save_file
+
+    path = tmp_path / "d.safetensors"
+    for padding in range(300):
+        save_file({"x": torch.zeros(2)}, str(path), metadata={"pad": "p" * padding})
+        if path.read_bytes()[0] == 0x80:
+            break
+    assert path.read_bytes()[0] == 0x80
+    assert read_safetensors(path)["x"].shape == (2,)
+
+
+def test_atomic_files_get_the_usual_permissions(tmp_path):
+    import os
+
+    from landscape.atomic import write_text
+
+    write_text(tmp_path / "report.html", "<p>")
+    mask = os.umask(0)
+    os.umask(mask)
+    assert (tmp_path / "report.html").stat().st_mode & 0o777 == 0o666 & ~mask

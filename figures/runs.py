@@ -1,0 +1,144 @@
+"""Figures from run directories (``run.json``, ``metrics.jsonl``): training curves (FSAM Fig. 6) and the dev metric
+against a hyperparameter over several runs: sparsity s and mask interval F_i (FSAM Fig. 1, Table 4) and the
+training-data fraction (FSAM Fig. 2; Bahri et al. Fig. 1)."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Sequence
+
+import numpy as np
+from matplotlib.figure import Figure
+
+from figures.sources import RunRecord, as_run_record, legend_labels
+from figures.style import apply_scale, finite, new_figure, optimizer_style, styled
+from landscape.errors import ConfigError
+
+RunSource = RunRecord | str | os.PathLike[str]
+SWEEP_LABELS = {
+    "sparsity": "sparsity s (share of coordinates not perturbed)",
+    "mask_interval": "mask interval F_i (steps)",
+    "train_fraction": "training-data fraction",
+}
+
+
+def _moving_average(values: np.ndarray, window: int) -> np.ndarray:
+    if window <= 1 or len(values) < window:
+        return values
+    kernel = np.ones(window) / window
+    smoothed = np.convolve(values, kernel, mode="valid")
+    return np.concatenate([np.full(window - 1, np.nan), smoothed])
+
+
+@styled
+def training_curves(sources: Sequence[RunSource], *, metric: str | None = None) -> Figure:
+    """FSAM Fig. 6: top, training loss against step (thin: per step; thick: moving average; log scale when it spans
+    two decades); bottom, the dev metric (the task's primary one unless ``metric``) against step, from each run's
+    ``metrics.jsonl`` evaluation records."""
+    runs = [as_run_record(source) for source in sources]
+    fig, (loss_ax, metric_ax) = new_figure(2, 1, sharex=True)
+    labels = legend_labels(runs)
+    metric_names = set()
+    losses = []
+    for run, label in zip(runs, labels, strict=True):
+        style = optimizer_style(run.label)
+        style.pop("marker")
+        train = run.records_of("train")
+        if train:
+            steps = np.array([r.get("step", np.nan) for r in train], dtype=np.float64)
+            loss = finite([r.get("loss", np.nan) for r in train])
+            window = max(1, len(loss) // 40)
+            loss_ax.plot(steps, loss, color=style["color"], linewidth=0.4, alpha=0.3)
+            loss_ax.plot(steps, _moving_average(loss, window), label=label, **style)
+            losses.append(loss)
+        name = metric or run.metric_name
+        evals = [r for r in run.records_of("eval") if name in r]
+        if name and evals:
+            metric_names.add(name)
+            metric_ax.plot(
+                [r["step"] for r in evals],
+                finite([r[name] for r in evals]),
+                label=label,
+                marker=optimizer_style(run.label)["marker"],
+                **style,
+            )
+    if losses:
+        apply_scale(loss_ax, "y", np.concatenate(losses))
+        loss_ax.legend(loc="best")
+    else:
+        loss_ax.text(0.5, 0.5, "no training records", ha="center", va="center", transform=loss_ax.transAxes)
+    if not metric_names:
+        metric_ax.text(0.5, 0.5, "no evaluation records", ha="center", va="center", transform=metric_ax.transAxes)
+    loss_ax.set_ylabel("training loss")
+    metric_ax.set_ylabel("dev " + " / ".join(sorted(metric_names)) if metric_names else "dev metric")
+    metric_ax.set_xlabel("training step")
+    loss_ax.set_title(" / ".join(sorted({run.task for run in runs})))
+    return fig
+
+
+def sweep_points(runs: Sequence[RunRecord], parameter: str, metric: str | None = None) -> dict[str, dict]:
+    """``{label: {x: [metric of each seed]}}`` for the runs whose config has ``parameter`` and a final dev metric."""
+    points: dict[str, dict] = {}
+    for run in runs:
+        name = metric or run.metric_name
+        value = run.dev_metrics.get(name) if name else None
+        x = run.config.get(parameter)
+        if value is None or x is None:
+            continue
+        points.setdefault(run.label, {}).setdefault(float(x), []).append(float(value))
+    return points
+
+
+@styled
+def metric_vs_hyperparameter(
+    sources: Sequence[RunSource],
+    parameter: str,
+    *,
+    metric: str | None = None,
+    applies: Callable[[RunRecord], bool] | None = None,
+) -> Figure:
+    """The final dev metric (y; mean over seeds, bars = standard deviation) against the config value ``parameter``
+    (x; log scale when it spans a decade), one line per optimizer label. Runs for which ``applies`` is False (e.g.
+    runs without a Fisher mask in a sparsity sweep) are drawn as horizontal reference lines."""
+    runs = [as_run_record(source) for source in sources]
+    swept = [run for run in runs if applies is None or applies(run)]
+    references = [run for run in runs if applies is not None and not applies(run)]
+    points = sweep_points(swept, parameter, metric)
+    if not points:
+        raise ConfigError(f"no run has both config.{parameter} and final dev metrics; expected completed runs")
+    fig, (ax,) = new_figure()
+    xs = []
+    for label, by_x in points.items():
+        x = np.array(sorted(by_x))
+        mean = np.array([np.mean(by_x[v]) for v in x])
+        spread = np.array([np.std(by_x[v]) if len(by_x[v]) > 1 else 0.0 for v in x])
+        style = optimizer_style(label)
+        ax.errorbar(x, mean, yerr=spread if spread.any() else None, label=label, capsize=2, **style)
+        xs.extend(x)
+    for label, by_x in sweep_points(references, parameter, metric).items():
+        value = np.mean([v for values in by_x.values() for v in values])
+        style = optimizer_style(label)
+        ax.axhline(value, color=style["color"], linestyle=":", linewidth=1.0, label=f"{label} (reference)")
+    if parameter != "sparsity":
+        apply_scale(ax, "x", finite(xs), decades=1.0)
+    names = sorted({metric or run.metric_name for run in swept if (metric or run.metric_name)})
+    ax.set_xlabel(SWEEP_LABELS.get(parameter, parameter))
+    ax.set_ylabel("dev " + " / ".join(names))
+    ax.set_title(" / ".join(sorted({run.task for run in runs})))
+    ax.legend(loc="best")
+    return fig
+
+
+def metric_vs_sparsity(sources: Sequence[RunSource], *, metric: str | None = None) -> Figure:
+    """FSAM Fig. 1 (left) / Table 4: dev metric against the Fisher-mask sparsity s of FSAM runs."""
+    return metric_vs_hyperparameter(sources, "sparsity", metric=metric, applies=lambda run: run.uses_fisher_mask)
+
+
+def metric_vs_mask_interval(sources: Sequence[RunSource], *, metric: str | None = None) -> Figure:
+    """FSAM Fig. 1 (right) / Table 4: dev metric against the mask refresh interval F_i of FSAM runs."""
+    return metric_vs_hyperparameter(sources, "mask_interval", metric=metric, applies=lambda run: run.uses_fisher_mask)
+
+
+def metric_vs_train_fraction(sources: Sequence[RunSource], *, metric: str | None = None) -> Figure:
+    """FSAM Fig. 2 / Bahri et al. Fig. 1: dev metric against the fraction of the training set used."""
+    return metric_vs_hyperparameter(sources, "train_fraction", metric=metric)
