@@ -44,7 +44,8 @@ class Budget:
     max_length: int
     fisher_samples: int  # FSAM's N_Fisher per mask refresh
     mask_interval: int  # FSAM's F_i
-    samples: int  # examples of every analysis (dev split)
+    samples: int  # examples of the surface and the interpolation (dev split)
+    curvature_samples: int  # examples of the Hessian, Fisher and sharpness analyses (per-example gradients: costly)
     interpolation_points: int
     grid: int  # the 2-D surface is grid × grid
     top_k: int
@@ -56,21 +57,22 @@ class Budget:
 
 
 FULL = Budget(
-    train_steps=150,
+    train_steps=100,
     batch_size=32,
     lr=5e-5,
-    eval_every=30,
+    eval_every=50,
     max_length=64,
     fisher_samples=32,
     mask_interval=50,
-    samples=128,
-    interpolation_points=21,
-    grid=11,
-    top_k=3,
-    trace_samples=10,
+    samples=64,
+    curvature_samples=16,
+    interpolation_points=11,
+    grid=9,
+    top_k=2,
+    trace_samples=5,
     rho=(0.01, 0.05, 0.1),
     sigma=(0.001, 0.005),
-    gaussian_samples=4,
+    gaussian_samples=3,
     pgd_steps=3,
 )
 QUICK = Budget(
@@ -82,6 +84,7 @@ QUICK = Budget(
     fisher_samples=8,
     mask_interval=2,
     samples=16,
+    curvature_samples=8,
     interpolation_points=5,
     grid=3,
     top_k=2,
@@ -150,13 +153,15 @@ def plan(out: Path, *, task: str, model: str, data_dir: str | None, budget: Budg
         if (run / "run.json").is_file():
             argv.append("--resume")
         stages.append(Stage(f"train {name}", tuple(argv), (run / "final.safetensors").is_file))
-    common = ["--samples", str(budget.samples), "--seed", str(seed)]
+    common = ["--seed", str(seed)]
+    surface_data = ["--samples", str(budget.samples)]
+    curvature_data = ["--samples", str(budget.curvature_samples)]
     for run in runs:
         analyses = run / "analyses"
         name = run.name
         per_run = [
-            ("interpolation", ["interpolate", str(run), "--points", str(budget.interpolation_points)]),
-            ("surface", ["surface", str(run), "--grid", str(budget.grid)]),
+            ("interpolation", ["interpolate", str(run), "--points", str(budget.interpolation_points), *surface_data]),
+            ("surface", ["surface", str(run), "--grid", str(budget.grid), *surface_data]),
             (
                 "hessian",
                 [
@@ -167,9 +172,10 @@ def plan(out: Path, *, task: str, model: str, data_dir: str | None, budget: Budg
                     "--trace",
                     "--trace-samples",
                     str(budget.trace_samples),
+                    *curvature_data,
                 ],
             ),
-            ("fisher", ["fisher", str(run)]),
+            ("fisher", ["fisher", str(run), *curvature_data]),
             (
                 "sharpness",
                 [
@@ -183,6 +189,7 @@ def plan(out: Path, *, task: str, model: str, data_dir: str | None, budget: Budg
                     str(budget.gaussian_samples),
                     "--pgd-steps",
                     str(budget.pgd_steps),
+                    *curvature_data,
                 ],
             ),
         ]

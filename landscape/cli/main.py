@@ -12,6 +12,7 @@ import sys
 from collections.abc import Sequence
 
 from landscape import __version__
+from landscape.cli import demo as demo_cmd
 from landscape.cli import env as env_cmd
 from landscape.cli import eval as eval_cmd
 from landscape.cli import figures as figures_cmd
@@ -25,6 +26,7 @@ from landscape.cli import transfer as transfer_cmd
 from landscape.errors import LandscapeError
 
 COMMANDS = (
+    demo_cmd,
     train_cmd,
     eval_cmd,
     env_cmd,

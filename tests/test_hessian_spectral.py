@@ -1,0 +1,202 @@
+"""Spectral algorithms against explicit symmetric matrices with known spectra (numpy.linalg as the reference)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from analyses.spectral import (
+    hutchinson,
+    hutchpp,
+    lanczos,
+    lanczos_quadrature,
+    power_iteration,
+    spectral_density,
+)
+from landscape.errors import ConfigError
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Small products: one torch thread avoids waiting on busy cores (the machine is shared)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+class MatrixOperator:
+    """An explicit symmetric matrix as an operator; counts its products."""
+
+    def __init__(self, matrix: np.ndarray):
+        self.matrix = torch.as_tensor(matrix, dtype=torch.float64)
+        self.dim = self.matrix.shape[0]
+        self.products = 0
+
+    def matvec(self, v: torch.Tensor) -> torch.Tensor:
+        self.products += 1
+        return self.matrix @ v
+
+
+def with_spectrum(eigenvalues, seed: int = 0) -> np.ndarray:
+    """Q diag(λ) Qᵀ with a random orthogonal Q."""
+    rng = np.random.default_rng(seed)
+    q, _ = np.linalg.qr(rng.standard_normal((len(eigenvalues), len(eigenvalues))))
+    return (q * np.asarray(eigenvalues, dtype=np.float64)) @ q.T
+
+
+def indefinite(n: int = 120, seed: int = 1) -> np.ndarray:
+    """Eigenvalues {−5, 3, 1} and n − 3 others spread in [−0.9, 0.9]."""
+    rest = np.random.default_rng(seed).uniform(-0.9, 0.9, n - 3)
+    return with_spectrum(np.concatenate([[-5.0, 3.0, 1.0], rest]), seed=seed)
+
+
+def explicit_residual(matrix: np.ndarray, value: float, vector: torch.Tensor) -> float:
+    v = vector.numpy()
+    return float(np.linalg.norm(matrix @ v - value * v))
+
+
+@pytest.mark.parametrize("which", ["LA", "SA", "LM"])
+def test_lanczos_top_k_matches_eigvalsh(which):
+    rng = np.random.default_rng(3)
+    a = rng.standard_normal((150, 150))
+    matrix = (a + a.T) / 2
+    exact = np.linalg.eigvalsh(matrix)
+    key = {"LA": -exact, "SA": exact, "LM": -np.abs(exact)}[which]
+    expected = exact[np.argsort(key, kind="stable")][:4]
+    result = lanczos(MatrixOperator(matrix), 4, which=which, tol=1e-8, max_iter=150)
+    np.testing.assert_allclose(result.eigenvalues, expected, rtol=1e-9, atol=1e-9)
+    assert result.converged.all()
+    for value, vector, residual in zip(result.eigenvalues, result.eigenvectors, result.residuals, strict=True):
+        assert residual == pytest.approx(explicit_residual(matrix, value, vector), rel=1e-6, abs=1e-12)
+        assert residual <= 1e-8 * max(1.0, abs(value))
+
+
+def test_largest_is_ambiguous_on_an_indefinite_operator():
+    matrix = indefinite()
+    assert lanczos(MatrixOperator(matrix), 1, which="LM", tol=1e-8).eigenvalues[0] == pytest.approx(-5, abs=1e-7)
+    assert lanczos(MatrixOperator(matrix), 1, which="LA", tol=1e-8).eigenvalues[0] == pytest.approx(3, abs=1e-7)
+    assert lanczos(MatrixOperator(matrix), 1, which="SA", tol=1e-8).eigenvalues[0] == pytest.approx(-5, abs=1e-7)
+    top_two = lanczos(MatrixOperator(matrix), 2, which="LA", tol=1e-8).eigenvalues
+    np.testing.assert_allclose(top_two, [3, 1], atol=1e-7)
+
+
+def test_power_iteration_finds_the_largest_magnitude_with_deflation():
+    matrix = indefinite()
+    result = power_iteration(MatrixOperator(matrix), 3, max_iter=2000, tol=1e-6, seed=2)
+    np.testing.assert_allclose(result.eigenvalues, [-5, 3, 1], atol=1e-5)
+    for value, vector, residual in zip(result.eigenvalues, result.eigenvectors, result.residuals, strict=True):
+        assert residual == pytest.approx(explicit_residual(matrix, value, vector), rel=1e-6, abs=1e-12)
+    # The first pair meets the tolerance; the deflated ones inherit its error (a residual of about tol·|λ₁|).
+    assert result.converged[0]
+    assert (result.residuals <= 10 * 1e-6 * 5).all()
+
+
+def test_unconverged_pairs_are_reported_as_such():
+    # A clustered top of the spectrum and 6 steps cannot resolve 3 eigenpairs to 1e-10.
+    values = np.concatenate([[10.0, 9.99, 9.98], np.linspace(-1, 9.9, 297)])
+    matrix = with_spectrum(values, seed=4)
+    operator = MatrixOperator(matrix)
+    result = lanczos(operator, 3, which="LA", tol=1e-10, max_iter=6)
+    assert not result.converged.any()
+    for value, vector, residual in zip(result.eigenvalues, result.eigenvectors, result.residuals, strict=True):
+        assert residual == pytest.approx(explicit_residual(matrix, value, vector), rel=1e-6)
+        assert residual > 1e-10 * abs(value)
+    assert result.matvecs == operator.products == 6 + 3  # the basis, then one explicit residual per pair
+
+
+def test_power_iteration_without_convergence_is_flagged():
+    values = np.concatenate([[10.0, -9.999], np.linspace(-1, 1, 48)])
+    result = power_iteration(MatrixOperator(with_spectrum(values)), 1, max_iter=20, tol=1e-8)
+    assert not result.converged[0]
+    assert result.matvecs == 20
+
+
+def test_lanczos_finds_a_repeated_eigenvalue_and_small_operators():
+    values = np.array([4.0, 4.0, 2.0, 1.0, 0.5, -1.0])
+    result = lanczos(MatrixOperator(with_spectrum(values)), 3, which="LA", tol=1e-10)
+    np.testing.assert_allclose(result.eigenvalues, [4, 4, 2], atol=1e-8)
+    assert result.converged.all()
+
+
+@pytest.mark.parametrize("sign", [1.0, -1.0])
+def test_hutchinson_within_three_standard_errors(sign):
+    values = sign * np.random.default_rng(5).uniform(0.2, 3.0, 200)
+    matrix = with_spectrum(values, seed=5)
+    exact = float(np.trace(matrix))
+    for seed in range(4):
+        estimate = hutchinson(MatrixOperator(matrix), 60, seed=seed)
+        assert estimate.samples == len(estimate.values) == 60  # all samples drawn, also with a negative mean
+        assert estimate.se > 0
+        assert abs(estimate.mean - exact) <= 3 * estimate.se
+        assert estimate.se == pytest.approx(np.std(estimate.values, ddof=1) / np.sqrt(60))
+
+
+@pytest.mark.parametrize("sign", [1.0, -1.0])
+def test_hutchpp_within_three_standard_errors_and_better_on_decaying_spectra(sign):
+    values = sign * 50.0 * 0.7 ** np.arange(200)  # fast decay: Hutch++'s case
+    matrix = with_spectrum(values, seed=6)
+    exact = float(np.trace(matrix))
+    for seed in range(4):
+        plus = hutchpp(MatrixOperator(matrix), 60, seed=seed)
+        plain = hutchinson(MatrixOperator(matrix), 60, seed=seed)
+        assert plus.matvecs == 60
+        assert abs(plus.mean - exact) <= 3 * plus.se
+        assert abs(plus.mean - exact) < abs(plain.mean - exact)
+        assert plus.se < plain.se / 10
+
+
+def test_hutchpp_is_exact_on_a_low_rank_matrix():
+    matrix = with_spectrum(np.concatenate([[7.0, -3.0, 2.0], np.zeros(97)]), seed=7)
+    estimate = hutchpp(MatrixOperator(matrix), 12, seed=0)
+    assert estimate.mean == pytest.approx(6.0, abs=1e-10)
+    assert estimate.se < 1e-10
+
+
+def test_slq_weights_are_real_and_sum_to_one():
+    matrix = indefinite(80)
+    nodes, weights = lanczos_quadrature(MatrixOperator(matrix), vectors=3, steps=20, seed=0)
+    assert nodes.shape == weights.shape == (3, 20)
+    assert np.isrealobj(weights) and (weights >= 0).all()
+    np.testing.assert_allclose(weights.sum(axis=1), 1.0, atol=1e-12)
+    # Gauss quadrature from a unit start vector: the extreme nodes converge to the extreme eigenvalues.
+    assert nodes.min() == pytest.approx(-5, abs=1e-6) and nodes.max() == pytest.approx(3, abs=1e-6)
+
+
+def test_slq_density_matches_the_exact_broadened_spectrum():
+    rng = np.random.default_rng(8)
+    a = rng.standard_normal((400, 400))
+    matrix = (a + a.T) / np.sqrt(2 * 400)  # Wigner: semicircle on [−2, 2]
+    exact = np.linalg.eigvalsh(matrix)
+    sigma = 0.15
+    grid = np.linspace(-3, 3, 601)
+    grid_out, density = spectral_density(MatrixOperator(matrix), vectors=10, steps=40, grid=grid, sigma=sigma, seed=1)
+    reference = np.exp(-0.5 * ((grid[:, None] - exact[None, :]) / sigma) ** 2).sum(1) / (
+        len(exact) * sigma * np.sqrt(2 * np.pi)
+    )
+    np.testing.assert_array_equal(grid_out, grid)
+    assert np.trapezoid(density, grid) == pytest.approx(1.0, abs=1e-3)
+    assert np.trapezoid(np.abs(density - reference), grid) < 0.08  # L1 distance of two densities (max 2)
+    # The first moments of the quadrature equal tr(Aᵖ)/n in expectation.
+    for power in (1, 2):
+        moment = np.trapezoid(density * grid**power, grid)
+        assert moment == pytest.approx(np.mean(exact**power), abs=0.05)
+
+
+def test_slq_default_grid_integrates_to_one():
+    grid, density = spectral_density(MatrixOperator(indefinite(60)), vectors=2, steps=30, seed=0)
+    assert len(grid) == len(density) == 1000
+    assert np.trapezoid(density, grid) == pytest.approx(1.0, abs=1e-3)
+
+
+def test_bad_arguments_name_the_value():
+    operator = MatrixOperator(np.eye(4))
+    with pytest.raises(ConfigError, match="which must be one of"):
+        lanczos(operator, 1, which="largest")
+    with pytest.raises(ConfigError, match="at most the operator's dimension 4"):
+        lanczos(operator, 5)
+    with pytest.raises(ConfigError, match="samples must be a positive integer, got 0"):
+        hutchinson(operator, 0)
+    with pytest.raises(ConfigError, match="at least 3"):
+        hutchpp(operator, 2)
