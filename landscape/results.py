@@ -4,9 +4,11 @@ Every analysis (surface, interpolation, Hessian, Fisher, sharpness, transfer) sa
 ``figures/`` reads nothing else. Arrays are stored with ``np.savez`` and loaded with ``allow_pickle=False``, so a
 result file can never run code; object arrays are refused when saving.
 
-Writes are atomic and ordered: an existing ``meta.json`` is removed first, ``result.npz`` is written under a
-temporary name and renamed, and ``meta.json`` (which records the SHA-256 of ``result.npz``) is written last the
-same way. A directory with a ``meta.json`` whose digest matches its ``result.npz`` is therefore complete.
+Writes are atomic and ordered: ``result.npz`` is written under a temporary name and renamed, then ``meta.json``
+(which records the SHA-256 of ``result.npz``) the same way. A directory with a ``meta.json`` whose digest matches its
+``result.npz`` is therefore consistent; :func:`load_result` refuses any other. A kill between the two renames leaves
+a complete new ``result.npz`` beside the previous ``meta.json`` of the same computation: :func:`resume_or_start`
+resumes from those arrays (nothing computed is lost), everything else refuses them.
 
 Grids (surfaces and sweeps) of Li et al. 2018, "Visualizing the Loss Landscape of Neural Nets", are stored as:
 
@@ -149,8 +151,8 @@ def save_result(result: Result, directory: str | os.PathLike[str]) -> Result:
     except (TypeError, ValueError) as exc:
         raise ConfigError(f"result meta must be plain JSON (NaN belongs in the arrays): {exc}") from exc
 
-    # meta.json marks a complete directory: remove it first, write it last.
-    (directory / META_FILE).unlink(missing_ok=True)
+    # Arrays first, meta.json (with their digest) last: each rename is atomic, and a kill between them leaves a
+    # digest mismatch that load_result detects.
     write_with(directory / ARRAYS_FILE, lambda tmp: _write_npz(result.arrays, tmp))
     meta["arrays_sha256"] = _sha256(directory / ARRAYS_FILE)
     text = json.dumps(meta, indent=2, sort_keys=True, allow_nan=False, default=_json_default) + "\n"
@@ -158,8 +160,12 @@ def save_result(result: Result, directory: str | os.PathLike[str]) -> Result:
     return Result(result.kind, result.arrays, json.loads(text))
 
 
-def load_result(directory: str | os.PathLike[str]) -> Result:
-    """Read a result written by :func:`save_result`; a missing, incomplete or corrupt one raises CheckpointError."""
+def load_result(directory: str | os.PathLike[str], *, accept_newer_arrays: bool = False) -> Result:
+    """Read a result written by :func:`save_result`; a missing, incomplete or corrupt one raises CheckpointError.
+
+    ``accept_newer_arrays``: when ``result.npz`` does not match the digest in ``meta.json`` (a save killed between
+    its two renames), return the arrays anyway with that meta (for :func:`resume_or_start` only).
+    """
     directory = Path(directory)
     meta_path, arrays_path = directory / META_FILE, directory / ARRAYS_FILE
     if not meta_path.is_file():
@@ -173,7 +179,7 @@ def load_result(directory: str | os.PathLike[str]) -> Result:
     if not arrays_path.is_file():
         raise CheckpointError(f"{directory} has {META_FILE} but no {ARRAYS_FILE}")
     expected = meta.get("arrays_sha256")
-    if expected is not None and _sha256(arrays_path) != expected:
+    if expected is not None and _sha256(arrays_path) != expected and not accept_newer_arrays:
         raise CheckpointError(f"{arrays_path} does not match its {META_FILE} (modified, or an interrupted save)")
     try:
         with np.load(arrays_path, allow_pickle=False) as npz:
@@ -204,7 +210,7 @@ def resume_or_start(directory: str | os.PathLike[str], kind: str, identity: Mapp
     if not (directory / META_FILE).is_file():
         return None
     try:
-        existing = load_result(directory)
+        existing = load_result(directory, accept_newer_arrays=True)
     except CheckpointError:
         if not overwrite:
             raise

@@ -159,8 +159,8 @@ def test_load_never_unpickles(tmp_path):
         load_result(folder)
 
 
-def test_interrupted_save_leaves_no_meta_and_no_temporary(tmp_path, monkeypatch):
-    save_result(surface(), tmp_path)
+def test_interrupted_save_keeps_the_previous_result_and_leaves_no_temporary(tmp_path, monkeypatch):
+    first = save_result(surface(), tmp_path)
 
     def crash(arrays, tmp):
         tmp.write_bytes(b"partial")
@@ -169,7 +169,29 @@ def test_interrupted_save_leaves_no_meta_and_no_temporary(tmp_path, monkeypatch)
     monkeypatch.setattr(results, "_write_npz", crash)
     with pytest.raises(OSError, match="disk full"):
         save_result(surface(), tmp_path)
-    # meta.json marks a complete directory: it is gone, so the half-written save is never read as a result.
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["result.npz"]
-    with pytest.raises(CheckpointError, match=r"no meta\.json"):
-        load_result(tmp_path)
+    # The arrays are renamed into place only once written: the previous, consistent pair is still there.
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["meta.json", "result.npz"]
+    assert load_result(tmp_path).meta["arrays_sha256"] == first.meta["arrays_sha256"]
+
+
+def test_a_save_killed_between_its_two_renames_loses_nothing_on_resume(tmp_path):
+    """save_result renames result.npz, then meta.json; a kill in between leaves new arrays beside the old meta."""
+    import shutil
+
+    from landscape.results import resume_or_start
+
+    identity = {"grid": [3]}
+    loss, done = new_grid(3)
+    loss[0], done[0] = 1.5, True
+    partial = {"a": np.arange(3.0), "loss": loss.copy(), "done": done.copy()}
+    save_result(Result("surface", partial, {"identity": identity, "complete": False}), tmp_path / "r")
+    loss[1], done[1] = -2.0, True
+    newer = {"a": np.arange(3.0), "loss": loss, "done": done}
+    save_result(Result("surface", newer, {"identity": identity, "complete": False}), tmp_path / "next")
+    shutil.copyfile(tmp_path / "next" / "result.npz", tmp_path / "r" / "result.npz")  # the first rename only
+
+    with pytest.raises(CheckpointError, match="does not match"):
+        load_result(tmp_path / "r")
+    resumed = resume_or_start(tmp_path / "r", "surface", identity, overwrite=False)
+    assert resumed is not None and resumed.arrays["done"].tolist() == [True, True, False]
+    assert resumed.arrays["loss"][1] == -2.0

@@ -224,12 +224,13 @@ def test_kill_9_then_rerun_gives_bitwise_the_uninterrupted_arrays(tiny_run, tmp_
     out = tmp_path / "killed"
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     command = [sys.executable, "-m", "landscape.cli.main", *args, "--out", str(out)]
-    process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 120
     while _done_count(out) < 5 and process.poll() is None and time.monotonic() < deadline:
         time.sleep(0.02)
     process.send_signal(signal.SIGKILL)
-    process.wait()
+    _, stderr = process.communicate()
+    assert process.returncode == -signal.SIGKILL, f"the surface ended by itself (exit {process.returncode}): {stderr}"
     partial = load_result(out)
     assert 0 < partial.arrays["done"].sum() < 49, "the kill must land mid-grid for this test to mean anything"
     assert main([*args, "--out", str(out)]) == 0
