@@ -130,6 +130,8 @@ class TrainConfig:
             lr=self.lr if self.lr is not None else lr,
             epochs=self.epochs if self.epochs is not None else epochs,
         )
+        if config.data_dir:  # absolute, so that analyses started from another folder find the run's data
+            config = replace(config, data_dir=str(Path(config.data_dir).expanduser().resolve()))
         if config.out is None:
             variant = "" if config.sam == "none" else f"{config.sam}-"
             config = replace(config, out=f"runs/{task.name}-{variant}{config.optimizer}-seed{config.seed}")
