@@ -9,6 +9,7 @@ from collections.abc import Sequence
 import numpy as np
 from matplotlib import colormaps
 from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
 
 from figures.sources import ResultRecord, as_result_record, legend_labels
 from figures.style import PANEL_HEIGHT_IN, apply_scale, finite, new_figure, optimizer_colour, optimizer_style, styled
@@ -52,6 +53,7 @@ def hessian_spectrum(sources: Sequence[Source]) -> Figure:
             )
         everything.append(values)
     apply_scale(eigen_ax, "y", np.concatenate(everything) if everything else [])
+    eigen_ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # ranks are whole numbers
     eigen_ax.set_xlabel("rank (1 = largest)")
     eigen_ax.set_ylabel("Hessian eigenvalue λ")
     eigen_ax.set_title(" / ".join(sorted({r.task for r in records})))
