@@ -147,7 +147,8 @@ def surface_3d(source: Source, *, values: str = "loss") -> Figure:
         ax.text2D(0.5, 0.5, "no computed cells", ha="center", va="center", transform=ax.transAxes)
     ax.set_xlabel("α", labelpad=-6)
     ax.set_ylabel("β", labelpad=-6)
-    ax.set_zlabel(name, labelpad=-4)
+    ax.set_zlabel(name, labelpad=2)
+    ax.set_box_aspect(None, zoom=0.88)  # keeps the z label inside the figure
     ax.tick_params(pad=-2)
     ax.view_init(elev=30, azim=-60)
     ax.set_title(_title(record))
@@ -195,6 +196,7 @@ def interpolation_curves(sources: Sequence[Source], *, panels: Sequence[str] = (
     fine-tuned θ1, −1 the initial θ0, both marked), y = loss (log scale when it spans two decades) and the metric."""
     records = [as_result_record(source, "interpolation") for source in sources]
     fig = _curves(records, "alpha", "α   (θ1 + α(θ1 − θ0); 0 = θ1, −1 = θ0)", panels)
+    fig.axes[0].set_title(fig.axes[0].get_title(), pad=12)  # room for the θ0 / θ1 marks above the axes
     alphas = np.concatenate([finite(r.arrays["alpha"]) for r in records])
     for ax in fig.axes:
         for where, text in ((0.0, "θ1"), (-1.0, "θ0")):
