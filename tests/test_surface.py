@@ -231,7 +231,7 @@ def test_kill_9_then_rerun_gives_bitwise_the_uninterrupted_arrays(tiny_run, tmp_
     process.send_signal(signal.SIGKILL)
     _, stderr = process.communicate()
     assert process.returncode == -signal.SIGKILL, f"the surface ended by itself (exit {process.returncode}): {stderr}"
-    partial = load_result(out)
+    partial = load_result(out, accept_newer_arrays=True)  # the kill may land between the two renames of a save
     assert 0 < partial.arrays["done"].sum() < 49, "the kill must land mid-grid for this test to mean anything"
     assert main([*args, "--out", str(out)]) == 0
     resumed = load_result(out)
