@@ -109,8 +109,7 @@ class CellEvaluator:
 class GridJob:
     """Everything a worker needs to build a :class:`CellEvaluator`, as plain values (picklable for Ray).
 
-    θ is the run's ``weights`` file, overridden by ``theta_file`` when given; the directions are read from
-    ``directions_file``.
+    θ is the run's ``weights`` file; the directions are read from ``directions_file``.
     """
 
     run_path: str
@@ -122,18 +121,13 @@ class GridJob:
     samples: int | None
     seed: int
     batch_size: int = 32
-    theta_file: str | None = None
 
     @contextmanager
     def evaluator(self) -> Iterator[CellEvaluator]:
         """Load the run's model, θ, the directions and the subset once; yield an entered evaluator."""
         run = open_run(self.run_path, task=self.task, data_dir=self.data_dir)
         loaded = load_run_model(run, self.weights)
-        theta = read_run_weights(run, loaded.model, self.weights) if self.theta_file is None else None
-        if self.theta_file is not None:
-            from landscape.checkpoints import read_safetensors
-
-            theta = read_safetensors(self.theta_file)
+        theta = read_run_weights(run, loaded.model, self.weights)
         directions, _ = load_directions(self.directions_file)
         subset = select_subset(
             run, loaded.tokenizer, split=self.split, samples=self.samples, seed=self.seed, batch_size=self.batch_size
@@ -186,7 +180,7 @@ class RayExecutor:
 
         started_here = not ray.is_initialized()
         if started_here:
-            # The workers must import this project: the driver's sys.path reaches them through PYTHONPATH.
+            # Workers are started with this interpreter, so they import the installed project as the driver does.
             init_kwargs: dict[str, Any] = {
                 "include_dashboard": False,
                 "log_to_driver": False,

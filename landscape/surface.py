@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from landscape.checkpoints import read_safetensors
 from landscape.directions import NORMS, layer_kinds, orthogonalize, random_direction, save_directions
 from landscape.errors import ConfigError
 from landscape.grids import EXECUTORS, Cell, GridJob, Stopwatch, chunked, make_executor
@@ -330,7 +331,7 @@ def compute_interpolation(
         theta0_desc: dict[str, Any] = {"run": str(run.path), "weights": "init"}
     elif endpoint == "run":
         other = open_run(to, task=task, data_dir=data_dir)
-        other_tensors = read_run_weights_unchecked(other)
+        other_tensors = read_safetensors(other.weights_file("final"))  # names and shapes checked on the next line
         check_same_keys_and_shapes(theta1, other_tensors, f"the final weights of {run.path} and {other.path}")
         theta0 = {name: other_tensors[name].to(theta1[name].dtype) for name in theta1}
         theta0_desc = {"run": str(other.path), "weights": "final", "label": other.label}
@@ -397,10 +398,3 @@ def compute_interpolation(
         progress=progress,
         chunk_size=chunk_size,
     )
-
-
-def read_run_weights_unchecked(run: Run) -> dict[str, torch.Tensor]:
-    """The final weights of ``run`` as stored (names and shapes checked by the caller against the other run)."""
-    from landscape.checkpoints import read_safetensors
-
-    return read_safetensors(run.weights_file("final"))
