@@ -42,9 +42,9 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call, grad, vmap
 
-from landscape.errors import ConfigError
-from landscape.losses import model_inputs
-from landscape.model_state import eval_mode
+from landscape.core.errors import ConfigError
+from landscape.data.losses import model_inputs
+from landscape.models.state import eval_mode
 
 FISHER_MODES = ("per-example", "batch-mean")
 
@@ -80,7 +80,7 @@ def empirical_fisher(
     ``labels`` [B]); they may differ in size. ``−log p(y | x)`` is the cross-entropy for classification and, for
     regression (one output, float labels), the Gaussian negative log-likelihood with unit variance,
     ``0.5·(f(x) − y)²`` up to a constant, whose gradient is ``(f(x) − y)·∇f`` (half the gradient of
-    :func:`~landscape.losses.per_example_loss`'s squared error).
+    :func:`~landscape.data.losses.per_example_loss`'s squared error).
 
     ``mode="per-example"`` vectorises over ``chunk_size`` examples at a time: memory grows with
     ``chunk_size × number of parameters`` (one gradient per example of the chunk). ``params`` selects parameters by
@@ -192,7 +192,7 @@ def _example_nll_function(model: nn.Module, dtype: torch.dtype) -> Callable[...,
         batch = {key: value.unsqueeze(0) for key, value in example.items()}
         inputs = model_inputs(batch)
         if "attention_mask" in inputs:
-            inputs["attention_mask"] = _additive_attention_mask(inputs["attention_mask"], dtype)
+            inputs["attention_mask"] = additive_attention_mask(inputs["attention_mask"], dtype)
         # Parameters not in ``parameters`` (unselected or frozen) are the module's own and act as constants.
         logits = functional_call(model, parameters, args=(), kwargs=inputs, strict=False).logits
         return _negative_log_likelihood(logits, batch["labels"])[0]
@@ -200,7 +200,7 @@ def _example_nll_function(model: nn.Module, dtype: torch.dtype) -> Callable[...,
     return example_nll
 
 
-def _additive_attention_mask(attention_mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+def additive_attention_mask(attention_mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """[B, T] 1/0 padding mask -> [B, 1, 1, T] additive mask: 0 where attended, the dtype's minimum at padding.
 
     The same mask transformers builds for eager attention; prepared here because building it inside the model checks
@@ -279,7 +279,7 @@ def fisher_mask(diagonal: dict[str, torch.Tensor], sparsity: float) -> dict[str,
     earlier in the concatenation of the flattened tensors (in ``diagonal``'s order) wins, so ties are deterministic.
     Returns bool tensors of the same names and shapes. ``sparsity`` s must be in [0, 1); s = 0 keeps everything.
     """
-    s = _check_sparsity(sparsity)
+    s = check_sparsity(sparsity)
     if not diagonal:
         raise ConfigError("the Fisher diagonal is empty; expected at least one parameter")
     dtype = functools.reduce(torch.promote_types, (value.dtype for value in diagonal.values()))
@@ -394,10 +394,32 @@ def _fraction(part: int, whole: int) -> float:
     return part / whole if whole else 1.0
 
 
-def _check_sparsity(sparsity: float) -> float:
+def check_sparsity(sparsity: float) -> float:
     if isinstance(sparsity, bool) or not isinstance(sparsity, numbers.Real):
         raise ConfigError(f"sparsity must be a number in [0, 1), got {sparsity!r}")
     value = float(sparsity)
     if not math.isfinite(value) or not 0.0 <= value < 1.0:
         raise ConfigError(f"sparsity must be in [0, 1), got {sparsity}")
     return value
+
+
+class EmpiricalFisherMask:
+    """FSAM's mask for the trainer (Algorithm 1, lines 6–11): empirical Fisher of the batches, top-(1 − s) coordinates.
+
+    The trainer (``landscape.training.loop.train(..., fisher=EmpiricalFisherMask())``) samples the batches and
+    installs the mask; this computes it in eval mode without touching ``.grad``.
+    """
+
+    modes = FISHER_MODES
+
+    def __call__(
+        self,
+        model: nn.Module,
+        batches: list[dict[str, torch.Tensor]],
+        *,
+        mode: str,
+        sparsity: float,
+        previous: dict[str, torch.Tensor] | None,
+    ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        mask = fisher_mask(empirical_fisher(model, batches, mode=mode).diagonal, sparsity)
+        return mask, mask_statistics(mask, previous)

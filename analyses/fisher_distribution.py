@@ -38,17 +38,16 @@ from torch import nn
 from analyses.fisher import (
     FISHER_MODES,
     FisherResult,
-    _check_sparsity,
+    check_sparsity,
     empirical_fisher,
     fisher_mask,
     layer_of,
     mask_iou,
 )
-from landscape.checkpoints import model_parameters
-from landscape.errors import CheckpointError, ConfigError
-from landscape.params import check_same_keys_and_shapes, content_hash
-from landscape.results import Result, resume_or_start, save_result
-from landscape.runs import WEIGHTS, load_run_model, open_run, select_subset
+from landscape.core.errors import CheckpointError, ConfigError
+from landscape.core.params import check_same_keys_and_shapes, content_hash, model_parameters
+from landscape.core.results import Result, resume_or_start, save_result
+from landscape.models.runs import WEIGHTS, load_run_model, open_run, select_subset
 
 MODULE_TYPES = (
     "attention.query",
@@ -267,7 +266,7 @@ def compute_fisher(
         raise ConfigError(f"Fisher mode {mode!r} is unknown; expected one of {', '.join(FISHER_MODES)}")
     if compare_weights is not None and compare_weights not in WEIGHTS:
         raise ConfigError(f"compare weights must be one of {', '.join(WEIGHTS)}, got {compare_weights!r}")
-    _check_sparsity(sparsity)
+    check_sparsity(sparsity)
     log10_edges({}, bins)  # validates the number of bins
     started = time.perf_counter()
     run = open_run(run_path, task=task, data_dir=data_dir)

@@ -1,7 +1,7 @@
 """The Hessian of a model's mean loss over a fixed set of examples, as a linear operator (Hessian-vector products).
 
 ``H = ∇²_w L(w)`` with ``L(w) = (1/N) Σᵢ ℓᵢ(w)``, the mean per-example loss over the N examples of an
-:class:`landscape.runs.EvalSubset`: each batch contributes ``(1/N) Σ_{i∈b} ∇²ℓᵢ``, so batches of unequal size
+:class:`landscape.models.runs.EvalSubset`: each batch contributes ``(1/N) Σ_{i∈b} ∇²ℓᵢ``, so batches of unequal size
 (an uneven last batch) weigh by their number of examples and the product equals the full-batch one (PITFALLS 10).
 The model is evaluated in eval mode (dropout off: the operator is deterministic, PITFALLS 16) through
 ``torch.func.functional_call`` on detached copies of its parameters that share their storage: the model's
@@ -41,10 +41,10 @@ from torch import nn
 from torch.func import functional_call, grad, jvp
 
 from analyses.spectral import TraceEstimate
-from landscape.checkpoints import model_parameters
-from landscape.errors import ConfigError
-from landscape.losses import model_inputs, per_example_loss_from_logits
-from landscape.model_state import eval_mode
+from landscape.core.errors import ConfigError
+from landscape.core.params import model_parameters
+from landscape.data.losses import model_inputs, per_example_loss_from_logits
+from landscape.models.state import eval_mode
 
 HVP_METHODS = ("auto", "double-backward", "forward-over-reverse")
 # Measured on MiniLM, 32 CoLA examples, 1 thread (docs/hessian.md): the kept-graph double backward is the fastest.
@@ -260,7 +260,10 @@ def _pyhessian_session(
     which fills ``.grad``: flags are set to the filter for the session, ``.grad`` fields and the train/eval modes
     are put back afterwards, and its draws (global torch RNG) are seeded inside a forked RNG state.
     """
-    from pyhessian import hessian as PyHessian
+    try:
+        from pyhessian import hessian as PyHessian
+    except ImportError as exc:  # a cross-check backend, not a dependency of the toolkit
+        raise ConfigError("--backend pyhessian needs PyHessian: pip install 'landscape[pyhessian]'") from exc
 
     check_attention(model)
     batches = _batches_of(subset)

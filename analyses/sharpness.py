@@ -1,7 +1,7 @@
 """Sharpness of a solution θ on a fixed, seeded evaluation subset: worst-case, adaptive, average and per-instance.
 
 Every metric is a loss increase over ``L(θ) = (1/N) Σ_i l_i(θ)``, the mean per-example loss of the subset
-(:func:`landscape.losses.per_example_loss_from_logits`: cross-entropy, squared error for regression), each example
+(:func:`landscape.data.losses.per_example_loss_from_logits`: cross-entropy, squared error for regression), each example
 weighted equally whatever the batch sizes, the model in eval mode (dropout off). The model is evaluated through
 ``torch.func.functional_call`` on parameter dicts, so its weights and ``.grad`` fields are never written; its
 train/eval flags (and the ``requires_grad`` flags, switched on only while the summary computes the Fisher) are
@@ -38,13 +38,12 @@ import torch
 from torch import nn
 from torch.func import functional_call, grad_and_value, vmap
 
-from landscape.checkpoints import model_parameters
-from landscape.errors import ConfigError
-from landscape.losses import model_inputs, per_example_loss_from_logits
-from landscape.model_state import eval_mode
-from landscape.params import Params, combine, content_hash, norm
-from landscape.results import Result, resume_or_start, save_result
-from landscape.runs import EvalSubset, evaluate_subset, load_run_model, open_run, select_subset
+from landscape.core.errors import ConfigError
+from landscape.core.params import Params, combine, content_hash, model_parameters, norm
+from landscape.core.results import Result, resume_or_start, save_result
+from landscape.data.losses import model_inputs, per_example_loss_from_logits
+from landscape.models.runs import EvalSubset, evaluate_subset, load_run_model, open_run, select_subset
+from landscape.models.state import eval_mode
 
 ADAPTIVE_ETA = 0.01  # ASAM's η, also the default of optimizers.sam.SharpnessAware
 DEFAULT_PGD_STEPS = 10
@@ -305,7 +304,7 @@ def instance_sharpness(
     zero gradient has s_i = 0. Vectorised with ``torch.func`` over ``chunk_size`` examples: memory grows with
     ``2 × chunk_size × number of parameters``. Each example is its batch's row as collated (with its padding).
     """
-    from analyses.fisher import _additive_attention_mask
+    from analyses.fisher import additive_attention_mask
 
     rho = _check_radius(rho, "rho")
     if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
@@ -318,7 +317,7 @@ def instance_sharpness(
         batch = {key: value.unsqueeze(0) for key, value in example.items()}
         inputs = model_inputs(batch)
         if "attention_mask" in inputs:  # vmap cannot trace transformers' data-dependent mask check (analyses.fisher)
-            inputs["attention_mask"] = _additive_attention_mask(inputs["attention_mask"], dtype)
+            inputs["attention_mask"] = additive_attention_mask(inputs["attention_mask"], dtype)
         logits = functional_call(model, params, args=(), kwargs=inputs, strict=False).logits
         return per_example_loss_from_logits(logits, batch["labels"])[0]
 

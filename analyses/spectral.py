@@ -29,7 +29,7 @@ import numpy as np
 import torch
 from scipy.linalg import eigh_tridiagonal
 
-from landscape.errors import ConfigError
+from landscape.core.errors import ConfigError
 
 WHICH = ("LA", "SA", "LM")
 

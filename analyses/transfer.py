@@ -15,7 +15,6 @@ is saved after each finished target (``complete`` false, NaN and ``done`` False 
 
 from __future__ import annotations
 
-import json
 import shutil
 import time
 from collections.abc import Sequence
@@ -25,13 +24,15 @@ from typing import Any
 
 import numpy as np
 
-from landscape.checkpoints import read_safetensors
-from landscape.errors import ConfigError, DataError
-from landscape.params import content_hash
-from landscape.results import Result, resume_or_start, save_result
-from landscape.runs import open_run
-from landscape.tasks import get_task, load_split, resolve_data_dir, task_names
-from landscape.training import TrainConfig, TrainResult, prepare_run_dir, train
+from analyses.fisher import EmpiricalFisherMask
+from landscape.core.errors import ConfigError, DataError
+from landscape.core.params import content_hash
+from landscape.core.results import Result, resume_or_start, save_result
+from landscape.core.rundir import has_run, is_complete, read_run_info
+from landscape.data.tasks import get_task, load_split, resolve_data_dir, task_names
+from landscape.models.runs import open_run
+from landscape.models.weights import read_safetensors
+from landscape.training.loop import TrainConfig, TrainResult, prepare_run_dir, train
 
 MODES = ("finetune", "probe")
 ARMS = ("source", "pretrained")
@@ -122,12 +123,11 @@ def run_config(
 def finished_run_metrics(config: TrainConfig) -> dict[str, float] | None:
     """The dev metrics of the run at ``config.out`` if it finished with this config, else None (train it)."""
     run_dir = Path(config.out)
-    run_json = run_dir / "run.json"
-    if not run_json.is_file():
+    if not has_run(run_dir):
         return None
     prepare_run_dir(run_dir, config.resolved(), resume=True, overwrite=False)  # refuses a run of other options
-    info = json.loads(run_json.read_text(encoding="utf-8"))
-    if info.get("status") == "completed" and (run_dir / "final.safetensors").is_file():
+    info = read_run_info(run_dir)
+    if is_complete(run_dir, info):
         return info["dev_metrics"]
     return None
 
@@ -138,7 +138,7 @@ def train_arm(config: TrainConfig, *, progress: bool) -> dict[str, float]:
     if metrics is not None:
         return metrics
     resume = (Path(config.out) / "run.json").is_file()
-    result: TrainResult = train(config, resume=resume, progress=progress)
+    result: TrainResult = train(config, resume=resume, progress=progress, fisher=EmpiricalFisherMask())
     return result.dev_metrics
 
 

@@ -45,12 +45,12 @@ import torch
 
 from analyses.hessian import HessianOperator, pyhessian_eigenvalues
 from analyses.spectral import lanczos
-from landscape.atomic import write_text
-from landscape.data import default_cache_dir, encode_split
-from landscape.models import load_model
-from landscape.runs import choose_indices, subset_of
-from landscape.tasks import get_task, load_split
-from landscape.training import environment_versions
+from landscape.core.atomic import write_text
+from landscape.core.provenance import environment_versions
+from landscape.data.encoding import default_cache_dir, encode_split
+from landscape.data.tasks import get_task, load_split
+from landscape.models.loading import load_model
+from landscape.models.runs import choose_indices, subset_of
 
 
 def timed(function: Callable[[], Any]) -> tuple[float, Any]:

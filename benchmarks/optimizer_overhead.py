@@ -4,7 +4,7 @@ What is measured (all in one process, except the memory children):
 
 * **Step time.** The median wall time of one ``optimizer.step(closure)`` of each optimizer, on the pretrained MiniLM
   (``minilm``, train mode, so dropout is on) with real CoLA training batches of ``--batch-size`` examples
-  (dynamic padding by ``landscape.data.collate``). One seeded list of batches is reused identically by every
+  (dynamic padding by ``landscape.data.encoding.collate``). One seeded list of batches is reused identically by every
   optimizer. Each optimizer trains its own copy of the model, all copies starting from the same weights. The
   repetitions are interleaved: repetition ``r`` runs one step of every optimizer on batch ``r`` (in an order that
   rotates from one repetition to the next, with the dropout RNG reseeded identically before each step), so a slow
@@ -13,7 +13,7 @@ What is measured (all in one process, except the memory children):
   a fixed installed Fisher mask), δ-SAM (β 5), ESAM, GSAM, ASAM, and the ``SAM`` of the ``pytorch-optimizer``
   package driven with its own two-pass API (a closure doing forward and backward; ``first_step``, the closure again,
   ``second_step``). No gradient clipping anywhere, as ``pytorch-optimizer`` has none.
-* **FSAM amortised.** FSAM's masked step plus the trainer's mask refresh (``landscape.training.refresh_fisher_mask``:
+* **FSAM amortised.** FSAM's masked step plus the trainer's mask refresh (``refresh_fisher_mask``:
   ``empirical_fisher`` over ``--fisher-samples`` CoLA examples in collated batches of ``--batch-size``, then
   ``fisher_mask`` and ``set_mask``), median of ``--fisher-repeats`` refreshes, divided by the refresh interval F_i.
 * **Ratios** to AdamW (and FSAM, δ-SAM to SAM; ours to pytorch-optimizer's SAM) as ratios of medians, with a 95 %
@@ -67,23 +67,23 @@ import numpy as np
 import torch
 from torch import nn
 
-from analyses.fisher import FisherResult, empirical_fisher, empirical_fisher_loop, fisher_mask
-from landscape.atomic import write_text
-from landscape.data import EncodedSplit, collate, default_cache_dir, encode_split
-from landscape.losses import per_example_loss
-from landscape.models import load_model, load_tokenizer
-from landscape.tasks import TaskSpec, get_task, load_split
-from landscape.training import (
+from analyses.fisher import EmpiricalFisherMask, FisherResult, empirical_fisher, empirical_fisher_loop, fisher_mask
+from landscape.core.atomic import write_text
+from landscape.core.provenance import environment_versions, git_revision
+from landscape.data.encoding import EncodedSplit, collate, default_cache_dir, encode_split
+from landscape.data.losses import per_example_loss
+from landscape.data.tasks import TaskSpec, get_task, load_split
+from landscape.models.loading import load_model, load_tokenizer
+from landscape.training.loop import (
     PreparedData,
     TrainConfig,
     batch_closure,
-    environment_versions,
-    git_revision,
     refresh_fisher_mask,
 )
 from optimizers import ClosureOptimizer, SharpnessAware, make_base_optimizer, make_sharpness_optimizer
-from optimizers.sam import _global_norm
+from optimizers.sam import global_norm
 
+MASK = EmpiricalFisherMask()
 MODEL = "minilm"
 TASK = "cola"
 MAX_LENGTH = 128
@@ -330,7 +330,7 @@ def measure_refresh(fsam: Contender, work: Workload, args: argparse.Namespace) -
     seconds = []
     for repeat in range(args.fisher_repeats):
         step = (repeat + 1) * args.mask_interval  # another sample of N_Fisher examples each time, as in training
-        elapsed, _ = timed(lambda step=step: refresh_fisher_mask(fsam.model, fsam.optimizer, data, config, step))
+        elapsed, _ = timed(lambda step=step: refresh_fisher_mask(fsam.model, fsam.optimizer, data, config, step, MASK))
         seconds.append(elapsed)
         log(f"[refresh] {repeat + 1}/{args.fisher_repeats}: {elapsed:.2f}s")
     return {"seconds": seconds, **summary(seconds)}
@@ -395,8 +395,8 @@ def measure_bookkeeping(work: Workload, args: argparse.Namespace) -> dict[str, A
     """SAM's work outside forward/backward, on fixed gradients: ours, pytorch-optimizer's, and AdamW's base step.
 
     Ours repeats what ``SharpnessAware.step`` does between the ascent backward and the descent forward, and after it:
-    the copy of the ascent gradients, ``_perturbation`` (ε with its global norm), the norm of ε for the report, and
-    ``_perturbed`` (save, add ε, restore). pytorch-optimizer: ``first_step`` (norm, save, add ε) and the restore of
+    the copy of the ascent gradients, ``perturbation`` (ε with its global norm), the norm of ε for the report, and
+    ``perturbed`` (save, add ε, restore). pytorch-optimizer: ``first_step`` (norm, save, add ε) and the restore of
     ``second_step`` (its base step is left out, as it is for ours).
     """
     import pytorch_optimizer
@@ -414,9 +414,9 @@ def measure_bookkeeping(work: Workload, args: argparse.Namespace) -> dict[str, A
     def ours_bookkeeping() -> None:
         with torch.no_grad():
             grads = [None if p.grad is None else p.grad.clone() for p in params]
-            epsilon = ours._perturbation(params, grads, args.rho)
-            _global_norm([e for e in epsilon if e is not None])
-            with ours._perturbed(params, epsilon):
+            epsilon = ours.perturbation(params, grads, args.rho)
+            global_norm([e for e in epsilon if e is not None])
+            with ours.perturbed(params, epsilon):
                 pass
 
     def peer_bookkeeping() -> None:
@@ -437,7 +437,7 @@ def measure_bookkeeping(work: Workload, args: argparse.Namespace) -> dict[str, A
         ("ours_sam", ours_bookkeeping),
         ("peer_sam", peer_bookkeeping),
         ("adamw_base_step", adamw.step),
-        ("ours_global_norm", lambda: _global_norm(grads)),
+        ("ours_global_norm", lambda: global_norm(grads)),
         ("foreach_norm", lambda: torch.stack(torch._foreach_norm(grads)).double().square().sum().sqrt()),
         ("clone_all_grads", lambda: [g.clone() for g in grads]),
     ]
@@ -464,7 +464,7 @@ def run_child(args: argparse.Namespace) -> None:
     optimizer = build_ours(variant, work.model, args.lr, rho=args.rho, seed=args.seed)
     rss_refresh = None
     if args.child == "fsam":
-        refresh_fisher_mask(work.model, optimizer, prepared_data(work), trainer_config(args), 0)
+        refresh_fisher_mask(work.model, optimizer, prepared_data(work), trainer_config(args), 0, MASK)
         rss_refresh = max_rss_mib()
     torch.manual_seed(args.seed)
     for batch in work.batches:
@@ -739,13 +739,13 @@ def markdown(report: dict[str, Any]) -> str:
         "",
         "| what | median ms | IQR ms |",
         "|---|---:|---:|",
-        f"| ours: grad copy + ε (`_perturbation`) + ‖ε‖ + save/add/restore | {book['ours_sam']['median'] * ms:.1f} | "
+        f"| ours: grad copy + ε (`perturbation`) + ‖ε‖ + save/add/restore | {book['ours_sam']['median'] * ms:.1f} | "
         f"{book['ours_sam']['p25'] * ms:.1f}–{book['ours_sam']['p75'] * ms:.1f} |",
         f"| pytorch-optimizer: `first_step` + restore | {book['peer_sam']['median'] * ms:.1f} | "
         f"{book['peer_sam']['p25'] * ms:.1f}–{book['peer_sam']['p75'] * ms:.1f} |",
         f"| AdamW base step (for scale) | {book['adamw_base_step']['median'] * ms:.1f} | "
         f"{book['adamw_base_step']['p25'] * ms:.1f}–{book['adamw_base_step']['p75'] * ms:.1f} |",
-        f"| ours `_global_norm` of all gradients, once (SAM calls it 2×/step, δ-SAM 3×) | "
+        f"| ours `global_norm` of all gradients, once (SAM calls it 2×/step, δ-SAM 3×) | "
         f"{book['ours_global_norm']['median'] * ms:.1f} | "
         f"{book['ours_global_norm']['p25'] * ms:.1f}–{book['ours_global_norm']['p75'] * ms:.1f} |",
         f"| `torch._foreach_norm` of all gradients (pytorch-optimizer's way, float32) | "
@@ -818,7 +818,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     contenders = make_contenders(work, args)
     fsam = next(c for c in contenders if c.key == "fsam")
     tick = time.perf_counter()
-    refresh_fisher_mask(fsam.model, fsam.optimizer, prepared_data(work), trainer_config(args), 0)
+    refresh_fisher_mask(fsam.model, fsam.optimizer, prepared_data(work), trainer_config(args), 0, MASK)
     log(f"FSAM mask installed ({time.perf_counter() - tick:.1f}s)")
 
     raw["labels"] = {c.key: c.label for c in contenders}

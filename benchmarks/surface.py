@@ -3,7 +3,7 @@
 On ``minilm`` with an 11 × 11 grid over 64 real examples (CoLA dev by default), in one process:
 
 1. ``t_forward``: the median time of one bare eval-mode forward over the same 64 examples (the same batches);
-2. ``landscape.surface.compute_surface`` end to end (loading, directions, 121 cells, a result save per cell);
+2. ``landscape.geometry.surface.compute_surface`` end to end (loading, directions, 121 cells, a result save per cell);
    the goal is total ≤ 1.10 × 121 × ``t_forward``;
 3. ``loss_landscapes.random_plane`` (PyPI ``loss-landscapes``) on the same model, grid size and batches, timed,
    and whether it leaves the model as it found it (weights bitwise, ``requires_grad`` flags, train/eval modes),
@@ -31,13 +31,13 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from landscape.atomic import write_json, write_text  # noqa: E402
-from landscape.checkpoints import save_weights  # noqa: E402
-from landscape.losses import model_inputs  # noqa: E402
-from landscape.models import load_model  # noqa: E402
-from landscape.runs import evaluate_subset, open_run, select_subset  # noqa: E402
-from landscape.surface import compute_surface  # noqa: E402
-from landscape.tasks import get_task  # noqa: E402
+from landscape.core.atomic import write_json, write_text  # noqa: E402
+from landscape.data.losses import model_inputs  # noqa: E402
+from landscape.data.tasks import get_task  # noqa: E402
+from landscape.geometry.surface import compute_surface  # noqa: E402
+from landscape.models.loading import load_model  # noqa: E402
+from landscape.models.runs import evaluate_subset, open_run, select_subset  # noqa: E402
+from landscape.models.weights import save_weights  # noqa: E402
 
 
 def model_state(model: torch.nn.Module) -> tuple[dict[str, bytes], dict[str, bool], dict[str, bool]]:
@@ -116,8 +116,8 @@ def main() -> int:
         ours_grid = float(ours.meta["wall_time_s"])
 
         # Ours on a model the caller holds: the CellEvaluator's restore guarantee, checked the same way.
-        from landscape.directions import load_directions
-        from landscape.grids import CellEvaluator
+        from landscape.geometry.directions import load_directions
+        from landscape.geometry.grids import CellEvaluator
 
         directions, _ = load_directions(Path(tmp) / "surface" / "directions.safetensors")
         before = model_state(model)

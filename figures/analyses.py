@@ -13,7 +13,7 @@ from matplotlib.ticker import MaxNLocator
 
 from figures.sources import ResultRecord, as_result_record, legend_labels
 from figures.style import PANEL_HEIGHT_IN, apply_scale, finite, new_figure, optimizer_colour, optimizer_style, styled
-from landscape.results import Result
+from landscape.core.results import Result
 
 Source = ResultRecord | Result | str | os.PathLike[str]
 SHOWN_QUANTILES = (0.1, 0.5, 0.9, 0.99)  # of a Fisher result's quantile levels, those drawn (all if none of these)

@@ -21,7 +21,7 @@ from figures.runs import metric_vs_mask_interval, metric_vs_sparsity, metric_vs_
 from figures.sources import Collection, collect, group_by_task
 from figures.style import FORMATS, save_figure, slug
 from figures.vtk import export_surface_vtk
-from landscape.errors import ConfigError
+from landscape.core.errors import ConfigError
 
 
 @dataclass(frozen=True)

@@ -14,9 +14,9 @@ import plotly.graph_objects as go
 
 from figures.sources import ResultRecord, as_result_record
 from figures.style import finite
-from landscape.atomic import write_text
-from landscape.errors import ConfigError
-from landscape.results import Result
+from landscape.core.atomic import write_text
+from landscape.core.errors import ConfigError
+from landscape.core.results import Result
 
 Source = ResultRecord | Result | str | os.PathLike[str]
 

@@ -19,8 +19,8 @@ from mpl_toolkits.mplot3d.art3d import Poly3DCollection
 
 from figures.sources import ResultRecord, as_result_record, legend_labels
 from figures.style import PANEL_HEIGHT_IN, apply_scale, choose_scale, finite, new_figure, optimizer_style, styled
-from landscape.errors import ConfigError
-from landscape.results import Result
+from landscape.core.errors import ConfigError
+from landscape.core.results import Result
 
 Source = ResultRecord | Result | str | os.PathLike[str]
 X_LABEL = "α (along direction 1)"

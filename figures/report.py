@@ -22,8 +22,8 @@ from figures.catalogue import figure_specs
 from figures.interactive import surface_html_fragment
 from figures.sources import Collection, ResultRecord, collect
 from figures.style import optimizer_colour, paper_style
-from landscape.atomic import write_text
-from landscape.errors import ConfigError
+from landscape.core.atomic import write_text
+from landscape.core.errors import ConfigError
 
 STYLE = """
 body { font-family: system-ui, sans-serif; margin: 2em auto; max-width: 70em; color: #222; }

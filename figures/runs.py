@@ -12,7 +12,7 @@ from matplotlib.figure import Figure
 
 from figures.sources import RunRecord, as_run_record, legend_labels
 from figures.style import apply_scale, finite, new_figure, optimizer_style, styled
-from landscape.errors import ConfigError
+from landscape.core.errors import ConfigError
 
 RunSource = RunRecord | str | os.PathLike[str]
 SWEEP_LABELS = {

@@ -1,12 +1,11 @@
 """Reading what the figures show: result directories (``result.npz`` + ``meta.json``) and run directories
 (``run.json``, ``metrics.jsonl``, and their analyses under ``RUN/analyses/<name>/``), as docs/results.md defines them.
 
-Nothing here imports model code: results come through :func:`landscape.results.load_result` (numpy and JSON only).
+Nothing here imports model code: results come through :func:`landscape.core.results.load_result` (numpy and JSON only).
 """
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
@@ -14,12 +13,10 @@ from pathlib import Path
 from typing import Any
 
 from figures.style import run_label
-from landscape.errors import CheckpointError, ConfigError, LandscapeError
-from landscape.results import META_FILE, Result, load_result
+from landscape.core.errors import CheckpointError, ConfigError, LandscapeError
+from landscape.core.results import META_FILE, Result, load_result
+from landscape.core.rundir import ANALYSES_DIR, RUN_FILE, read_metrics, read_run_info
 
-RUN_FILE = "run.json"
-METRICS_FILE = "metrics.jsonl"
-ANALYSES_DIR = "analyses"
 KINDS = ("surface", "interpolation", "hessian", "fisher", "sharpness", "transfer")
 
 
@@ -29,7 +26,7 @@ def primary_metric(task: str | None, available: Iterable[str]) -> str | None:
     names = [name for name in available if name != "loss"]
     if task:
         try:
-            from landscape.tasks import get_task  # the task registry: numpy and the standard library only
+            from landscape.data.tasks import get_task  # the task registry: numpy and the standard library only
 
             name = get_task(task).primary_metric
         except LandscapeError:
@@ -156,27 +153,8 @@ class Collection:
 def read_run(path: str | os.PathLike[str]) -> RunRecord:
     """Read a run directory's ``run.json`` and, when present, ``metrics.jsonl``."""
     path = Path(path)
-    run_file = path / RUN_FILE
-    if not run_file.is_file():
-        raise CheckpointError(f"{path} has no {RUN_FILE}; expected a run directory written by landscape train")
-    try:
-        info = json.loads(run_file.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise CheckpointError(f"{run_file} is not readable JSON: {str(exc).splitlines()[0]}") from exc
-    if not isinstance(info, dict) or not isinstance(info.get("config", {}), dict):
-        raise CheckpointError(f"{run_file} must hold a JSON object with a 'config' object")
-    records = []
-    metrics_file = path / METRICS_FILE
-    if metrics_file.is_file():
-        for number, line in enumerate(metrics_file.read_text(encoding="utf-8").splitlines(), start=1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise CheckpointError(f"{metrics_file}:{number} is not a JSON record: {exc.msg}") from exc
-            if isinstance(record, dict):
-                records.append(record)
+    info = read_run_info(path)
+    records = read_metrics(path)
     return RunRecord(path, info, records)
 
 

@@ -22,7 +22,7 @@ import numpy as np
 from matplotlib.figure import Figure
 from matplotlib.ticker import LogLocator
 
-from landscape.atomic import write_with
+from landscape.core.atomic import write_with
 
 COLUMN_WIDTH_IN = 3.3  # one column of a two-column paper
 PANEL_HEIGHT_IN = 2.3

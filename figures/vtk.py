@@ -14,9 +14,9 @@ import meshio
 import numpy as np
 
 from figures.sources import ResultRecord, as_result_record
-from landscape.atomic import write_with
-from landscape.errors import ConfigError
-from landscape.results import Result
+from landscape.core.atomic import write_with
+from landscape.core.errors import ConfigError
+from landscape.core.results import Result
 
 Source = ResultRecord | Result | str | os.PathLike[str]
 VTK_FORMATS = {".vtu": "vtu", ".vtk": "vtk"}

@@ -22,7 +22,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from landscape.errors import ConfigError
+from landscape.core.errors import ConfigError
+from landscape.core.rundir import has_run, read_run_info
 
 # The optimizers the demo compares: (folder name, `landscape train` options).
 OPTIMIZERS: tuple[tuple[str, tuple[str, ...]], ...] = (
@@ -153,7 +154,7 @@ def plan(out: Path, *, task: str, model: str, data_dir: str | None, budget: Budg
             "--mask-interval",
             str(budget.mask_interval),
         ]
-        if (run / "run.json").is_file():
+        if has_run(run):
             argv.append("--resume")
         stages.append(Stage(f"train {name}", tuple(argv), (run / "final.safetensors").is_file))
     common = ["--seed", str(seed)]
@@ -219,9 +220,12 @@ def run_demo(
     quick: bool = False,
     seed: int = 42,
     log: Callable[[str], None] | None = None,
+    dispatch: Callable[[list[str]], int],
 ) -> Path:
-    """Run (or resume) every stage; return the path of the report. Raises :class:`ConfigError` on a failed stage."""
-    from landscape.cli.main import main as landscape_main
+    """Run (or resume) every stage; return the path of the report. Raises :class:`ConfigError` on a failed stage.
+
+    ``dispatch(argv) -> exit status`` runs one ``landscape`` command in-process (``landscape.cli.main.main``).
+    """
 
     log = log or (lambda line: print(line, file=sys.stderr, flush=True))
     out = Path(out)
@@ -234,7 +238,7 @@ def run_demo(
             continue
         log(f"{prefix} ...")
         stage_start = time.perf_counter()
-        code = landscape_main(list(stage.argv))
+        code = dispatch(list(stage.argv))
         if code != 0:
             raise ConfigError(f"demo stage '{stage.label}' failed (exit {code}): landscape {' '.join(stage.argv)}")
         log(
@@ -247,13 +251,13 @@ def summary(out: str | Path, names: Sequence[str] = tuple(name for name, _ in OP
     """Per run: dev metric, surface loss spread, top Hessian eigenvalue and trace, read back from the results."""
     import numpy as np
 
-    from landscape.results import load_result
+    from landscape.core.results import load_result
 
     rows = []
     for name in names:
         run = Path(out) / "runs" / name
         row: dict[str, object] = {"run": name}
-        run_json = json.loads((run / "run.json").read_text(encoding="utf-8"))
+        run_json = read_run_info(run)
         row.update({f"dev_{k}": v for k, v in (run_json.get("dev_metrics") or {}).items()})
         surface = load_result(run / "analyses" / "surface")
         loss = np.asarray(surface.arrays["loss"])

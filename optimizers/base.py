@@ -12,8 +12,6 @@ from collections.abc import Iterable
 import torch
 from torch import nn
 
-from landscape.errors import ConfigError
-
 BASE_OPTIMIZERS = ("adamw", "adam", "amsgrad", "adagrad", "sgd")
 
 
@@ -46,14 +44,14 @@ def make_base_optimizer(
 ) -> torch.optim.Optimizer:
     """Build the base optimizer ``name`` (one of :data:`BASE_OPTIMIZERS`) over ``model``'s trainable parameters."""
     if name not in BASE_OPTIMIZERS:
-        raise ConfigError(f"optimizer {name!r} is unknown; expected one of {', '.join(BASE_OPTIMIZERS)}")
+        raise ValueError(f"optimizer {name!r} is unknown; expected one of {', '.join(BASE_OPTIMIZERS)}")
     if not lr > 0:
-        raise ConfigError(f"learning rate must be > 0, got {lr}")
+        raise ValueError(f"learning rate must be > 0, got {lr}")
     if weight_decay < 0:
-        raise ConfigError(f"weight decay must be >= 0, got {weight_decay}")
+        raise ValueError(f"weight decay must be >= 0, got {weight_decay}")
     groups = parameter_groups(model.named_parameters(), weight_decay)
     if not groups:
-        raise ConfigError("the model has no trainable parameters")
+        raise ValueError("the model has no trainable parameters")
     if name == "adamw":
         return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps)
     if name == "adam":
@@ -63,5 +61,5 @@ def make_base_optimizer(
     if name == "adagrad":
         return torch.optim.Adagrad(groups, lr=lr, eps=1e-10)
     if not 0 <= momentum < 1:
-        raise ConfigError(f"SGD momentum must be in [0, 1), got {momentum}")
+        raise ValueError(f"SGD momentum must be in [0, 1), got {momentum}")
     return torch.optim.SGD(groups, lr=lr, momentum=momentum)

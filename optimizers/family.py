@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import torch
 
-from landscape.errors import ConfigError
 from optimizers.closure import ClosureOptimizer
 from optimizers.sam import SharpnessAware
 
@@ -45,7 +44,7 @@ def make_sharpness_optimizer(
 ) -> ClosureOptimizer:
     """Wrap ``base`` as the named ``variant`` (one of :data:`SAM_VARIANTS`)."""
     if variant not in SAM_VARIANTS:
-        raise ConfigError(f"sam variant {variant!r} is unknown; expected one of {', '.join(SAM_VARIANTS)}")
+        raise ValueError(f"sam variant {variant!r} is unknown; expected one of {', '.join(SAM_VARIANTS)}")
     if variant == "none":
         return ClosureOptimizer(base, max_grad_norm=max_grad_norm)
     options = {

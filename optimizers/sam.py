@@ -28,7 +28,6 @@ from typing import Any
 
 import torch
 
-from landscape.errors import ConfigError
 from optimizers.closure import ClosureOptimizer
 
 
@@ -201,10 +200,10 @@ class SharpnessAware(ClosureOptimizer):
                 (losses.mean() if weights is None else (weights * losses).sum()).backward()
             # zero_grad(set_to_none) below drops these tensors from .grad without writing to them: no copy needed.
             ascent_grads = [p.grad for p in params]
-            epsilon = self._perturbation(params, ascent_grads, rho)
-            report.perturbation_norm = _global_norm([e for e in epsilon if e is not None])
+            epsilon = self.perturbation(params, ascent_grads, rho)
+            report.perturbation_norm = global_norm([e for e in epsilon if e is not None])
             descent_chunk = chunk if self.m_sharpness > 1 else None
-            with self._perturbed(params, epsilon):
+            with self.perturbed(params, epsilon):
                 self.zero_grad(set_to_none=True)
                 if rng_before is not None:
                     torch.set_rng_state(rng_before)
@@ -239,12 +238,12 @@ class SharpnessAware(ClosureOptimizer):
         if self.delta_beta is None:
             return None
         directions = [torch.randn(p.shape, generator=self.generator, dtype=p.dtype).to(p.device) for p in params]
-        norm = _global_norm(directions)
+        norm = global_norm(directions)
         epsilon = [rho * d / norm for d in directions] if norm > 0 else [None] * len(params)
-        with self._perturbed(params, epsilon):
+        with self.perturbed(params, epsilon):
             return closure(chunk).detach()
 
-    def _perturbation(self, params, grads, rho) -> list[torch.Tensor | None]:
+    def perturbation(self, params, grads, rho) -> list[torch.Tensor | None]:
         """ε per parameter (None where zero), with one global norm over all parameters."""
         numerators, norm_terms = [], []
         for position, (param, grad) in enumerate(zip(params, grads, strict=True)):
@@ -264,7 +263,7 @@ class SharpnessAware(ClosureOptimizer):
                 numerator.mul_(keep.to(numerator.device)).div_(self.swp_keep)
             numerators.append(numerator)
             norm_terms.append(norm_term)
-        norm = _global_norm(norm_terms)
+        norm = global_norm(norm_terms)
         if rho == 0 or norm == 0 or not math.isfinite(norm):
             return [None] * len(params)
         return [None if n is None else n.mul_(rho / norm) for n in numerators]
@@ -288,7 +287,7 @@ class SharpnessAware(ClosureOptimizer):
             a.sub_(self.gsam_alpha * orthogonal)
 
     @contextmanager
-    def _perturbed(self, params, epsilon):
+    def perturbed(self, params, epsilon):
         """Add ε to the parameters; on exit copy the saved values back (bitwise restore), also on exceptions."""
         saved = [(p, p.detach().clone()) for p, e in zip(params, epsilon, strict=True) if e is not None]
         try:
@@ -322,7 +321,7 @@ def delta_sam_weights(guardedness: torch.Tensor, beta: float) -> torch.Tensor:
     return ((g - 1.0 / n) * r + 1.0 / n).to(guardedness.dtype)
 
 
-def _global_norm(tensors: list[torch.Tensor]) -> float:
+def global_norm(tensors: list[torch.Tensor]) -> float:
     """L2 norm over a list of tensors: per-tensor norms in their dtype, combined in float64 (no upcast copies)."""
     return math.sqrt(sum(float(torch.linalg.vector_norm(t)) ** 2 for t in tensors))
 
@@ -336,4 +335,4 @@ def _accumulate(accumulated, params, share):
 
 def _check(condition: bool, message: str) -> None:
     if not condition:
-        raise ConfigError(message)
+        raise ValueError(message)

@@ -27,7 +27,7 @@ def _isolated_cache(tmp_path_factory, monkeypatch):
 
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory) -> Path:
-    from landscape.models import build_tiny_model_folder
+    from landscape.models.loading import build_tiny_model_folder
 
     return build_tiny_model_folder(tmp_path_factory.mktemp("tiny-bert"))
 
@@ -66,7 +66,7 @@ def shared_data_dir() -> Path:
 
 
 def _train_tiny_run(root: Path, model_dir: Path, data_dir: Path, **options) -> Path:
-    from landscape.training import TrainConfig, train
+    from landscape.training.loop import TrainConfig, train
 
     config = TrainConfig(
         task="sst2", model=str(model_dir), data_dir=str(data_dir), out=str(root), lr=1e-3, batch_size=8,

@@ -6,8 +6,8 @@ import pytest
 import torch
 from torch import nn
 
-from landscape.checkpoints import load_weights_into, read_safetensors, save_weights
-from landscape.errors import CheckpointError
+from landscape.core.errors import CheckpointError
+from landscape.models.weights import load_weights_into, read_safetensors, save_weights
 
 
 def small(width: int = 3) -> nn.Module:
@@ -86,7 +86,7 @@ def test_a_safetensors_header_length_starting_with_0x80_is_not_taken_for_a_pickl
 def test_atomic_files_get_the_usual_permissions(tmp_path):
     import os
 
-    from landscape.atomic import write_text
+    from landscape.core.atomic import write_text
 
     write_text(tmp_path / "report.html", "<p>")
     mask = os.umask(0)

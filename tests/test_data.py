@@ -9,15 +9,15 @@ import pytest
 import torch
 from safetensors.numpy import load_file
 
-from landscape.data import (
+from landscape.core.errors import ConfigError, DataError
+from landscape.data.encoding import (
     EncodedSplit,
     collate,
     default_cache_dir,
     encode_split,
     tokenizer_fingerprint,
 )
-from landscape.errors import ConfigError, DataError
-from landscape.tasks import Example
+from landscape.data.tasks import Example
 
 LONG = " ".join(f"word{i}" for i in range(200))
 

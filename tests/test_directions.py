@@ -15,8 +15,9 @@ import torch
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from landscape.checkpoints import model_parameters
-from landscape.directions import (
+from landscape.core.errors import CheckpointError, ConfigError
+from landscape.core.params import combine, dot, loaded_parameters, model_parameters, norm
+from landscape.geometry.directions import (
     checkpoint_direction,
     layer_kinds,
     load_directions,
@@ -25,8 +26,6 @@ from landscape.directions import (
     random_direction,
     save_directions,
 )
-from landscape.errors import CheckpointError, ConfigError
-from landscape.params import combine, dot, loaded_parameters, norm
 
 
 class Mixed(nn.Module):

@@ -11,8 +11,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from landscape.errors import CheckpointError, ConfigError
-from landscape.results import Result, save_result
+from landscape.core.errors import CheckpointError, ConfigError
+from landscape.core.results import Result, save_result
 
 REPO = Path(__file__).resolve().parents[1]
 NO_PROVENANCE = {"versions": {}, "git_revision": None}  # save_result would otherwise ask git and import torch
@@ -520,7 +520,7 @@ def test_figures_package_imports_nothing_from_the_model_side():
         "import figures\n"
         f"for name in {modules!r}: importlib.import_module('figures.' + name)\n"
         "import landscape.cli.figures\n"
-        "heavy = [m for m in ('torch', 'transformers', 'landscape.models', 'landscape.training', 'landscape.runs',"
+        "heavy = [m for m in ('torch', 'transformers', 'landscape.models', 'landscape.training', 'landscape.geometry',"
         " 'optimizers', 'analyses') if m in sys.modules]\n"
         "print(len(sys.argv) and ','.join(heavy))\n"
     )

@@ -17,12 +17,12 @@ from analyses.fisher import (
     mask_iou,
     mask_statistics,
 )
-from landscape.data import EncodedSplit, collate
-from landscape.errors import ConfigError
-from landscape.losses import model_inputs, per_example_loss
-from landscape.model_state import eval_mode
-from landscape.models import load_model
-from landscape.tasks import get_task
+from landscape.core.errors import ConfigError
+from landscape.data.encoding import EncodedSplit, collate
+from landscape.data.losses import model_inputs, per_example_loss
+from landscape.data.tasks import get_task
+from landscape.models.loading import load_model
+from landscape.models.state import eval_mode
 
 # SDPA has no vmap batching rule on CPU; torch warns once and falls back to a loop for the attention kernel.
 pytestmark = pytest.mark.filterwarnings("ignore:There is a performance drop:UserWarning")

@@ -18,10 +18,10 @@ from analyses.fisher_distribution import (
     module_type,
 )
 from landscape.cli.main import main
-from landscape.errors import ConfigError
-from landscape.losses import model_inputs
-from landscape.results import load_result
-from landscape.runs import load_run_model, open_run, select_subset
+from landscape.core.errors import ConfigError
+from landscape.core.results import load_result
+from landscape.data.losses import model_inputs
+from landscape.models.runs import load_run_model, open_run, select_subset
 
 pytestmark = pytest.mark.filterwarnings("ignore:There is a performance drop:UserWarning")
 

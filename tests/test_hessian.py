@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import sys
+
 import numpy as np
 import pytest
 import torch
@@ -9,11 +11,11 @@ from torch.func import functional_call
 
 from analyses.hessian import HessianOperator, name_filter, pyhessian_eigenvalues, pyhessian_trace
 from analyses.spectral import lanczos
-from landscape.checkpoints import model_parameters
-from landscape.errors import ConfigError
-from landscape.losses import model_inputs, per_example_loss_from_logits
-from landscape.models import load_model
-from landscape.runs import open_run, select_subset
+from landscape.core.errors import ConfigError
+from landscape.core.params import model_parameters
+from landscape.data.losses import model_inputs, per_example_loss_from_logits
+from landscape.models.loading import load_model
+from landscape.models.runs import open_run, select_subset
 
 SMALL_BLOCK = r"^classifier\.|encoder\.layer\.1\.output\.LayerNorm\."  # 66 + 64 = 130 scalars
 METHODS = ("double-backward", "forward-over-reverse")
@@ -247,3 +249,11 @@ def test_pyhessian_cross_check_agrees_and_restores_the_model(run):
     assert_state_equal(model, before)
     assert trace.samples == 40
     assert abs(trace.mean - np.trace(dense)) <= 3 * trace.se
+
+
+def test_pyhessian_backend_without_the_package_names_the_extra(run, monkeypatch):
+    model, tokenizer = tiny_model(run, dtype=torch.float32)
+    subset = select_subset(run, tokenizer, samples=4, seed=0)
+    monkeypatch.setitem(sys.modules, "pyhessian", None)  # makes `import pyhessian` raise ImportError
+    with pytest.raises(ConfigError, match=r"pip install 'landscape\[pyhessian\]'"):
+        pyhessian_eigenvalues(model, subset, 1, parameter_filter=name_filter(SMALL_BLOCK))

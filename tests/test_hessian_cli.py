@@ -10,8 +10,8 @@ import torch
 
 from analyses.hessian import HessianOperator, name_filter
 from landscape.cli.main import main
-from landscape.results import load_result
-from landscape.runs import load_run_model, open_run, select_subset
+from landscape.core.results import load_result
+from landscape.models.runs import load_run_model, open_run, select_subset
 
 BLOCK = r"^classifier\.|encoder\.layer\.1\.output\.LayerNorm\."  # 130 scalars: the dense Hessian is cheap
 

@@ -14,7 +14,7 @@ from analyses.spectral import (
     power_iteration,
     spectral_density,
 )
-from landscape.errors import ConfigError
+from landscape.core.errors import ConfigError
 
 
 @pytest.fixture(autouse=True)

@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 from scipy.stats import rankdata
 
-from landscape.errors import DataError
-from landscape.metrics import compute_metrics, majority_baseline
-from landscape.tasks import get_task
+from landscape.core.errors import DataError
+from landscape.data.metrics import compute_metrics, majority_baseline
+from landscape.data.tasks import get_task
 
 RNG = np.random.default_rng(0)
 GOLD2 = RNG.integers(0, 2, size=200)

@@ -10,8 +10,8 @@ import pytest
 import torch
 from torch import nn
 
-from landscape.errors import CheckpointError
-from landscape.params import (
+from landscape.core.errors import CheckpointError
+from landscape.core.params import (
     add,
     check_same_keys_and_shapes,
     combine,

@@ -18,7 +18,7 @@ from test_figures import (
     write_run,
 )
 
-from landscape.errors import CheckpointError, ConfigError
+from landscape.core.errors import CheckpointError, ConfigError
 
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMIUM_ARGS = [

@@ -8,9 +8,9 @@ import zipfile
 import numpy as np
 import pytest
 
-from landscape import results
-from landscape.errors import CheckpointError, ConfigError
-from landscape.results import Result, check_grid, load_result, new_grid, pending_cells, save_result
+from landscape.core import results
+from landscape.core.errors import CheckpointError, ConfigError
+from landscape.core.results import Result, check_grid, load_result, new_grid, pending_cells, save_result
 
 
 def surface(n_a: int = 7, n_b: int = 5) -> Result:
@@ -178,7 +178,7 @@ def test_a_save_killed_between_its_two_renames_loses_nothing_on_resume(tmp_path)
     """save_result renames result.npz, then meta.json; a kill in between leaves new arrays beside the old meta."""
     import shutil
 
-    from landscape.results import resume_or_start
+    from landscape.core.results import resume_or_start
 
     identity = {"grid": [3]}
     loss, done = new_grid(3)

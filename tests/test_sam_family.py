@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from landscape.checkpoints import flatten_state, unflatten_state
+from landscape.training.checkpoints import flatten_state, unflatten_state
 from optimizers import BatchClosure, ClosureOptimizer, SharpnessAware, delta_sam_weights, parameter_groups
 
 RHO = 0.3

@@ -22,10 +22,10 @@ from analyses.sharpness import (
     random_probe_guardedness,
     sharpness_result,
 )
-from landscape.errors import ConfigError
-from landscape.losses import per_example_loss
-from landscape.runs import EvalSubset, evaluate_subset, load_run_model, open_run, select_subset
-from landscape.tasks import get_task
+from landscape.core.errors import ConfigError
+from landscape.data.losses import per_example_loss
+from landscape.data.tasks import get_task
+from landscape.models.runs import EvalSubset, evaluate_subset, load_run_model, open_run, select_subset
 
 pytestmark = pytest.mark.filterwarnings("ignore:There is a performance drop:UserWarning")
 

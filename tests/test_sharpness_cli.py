@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from landscape.cli.main import main
-from landscape.results import load_result
+from landscape.core.results import load_result
 
 pytestmark = pytest.mark.filterwarnings("ignore:There is a performance drop:UserWarning")
 

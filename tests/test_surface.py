@@ -18,14 +18,14 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from landscape.checkpoints import read_safetensors
 from landscape.cli.main import main
-from landscape.errors import CheckpointError, ConfigError
-from landscape.grids import CellEvaluator
-from landscape.results import load_result
-from landscape.runs import EvalSubset, evaluate_subset, load_run_model, open_run, select_subset
-from landscape.surface import _run_grid, compute_interpolation, compute_surface
-from landscape.tasks import get_task
+from landscape.core.errors import CheckpointError, ConfigError
+from landscape.core.results import load_result
+from landscape.data.tasks import get_task
+from landscape.geometry.grids import CellEvaluator
+from landscape.geometry.surface import _run_grid, compute_interpolation, compute_surface
+from landscape.models.runs import EvalSubset, evaluate_subset, load_run_model, open_run, select_subset
+from landscape.models.weights import read_safetensors
 
 
 def tiny_subset(run_dir, samples=12, seed=0):
@@ -39,14 +39,14 @@ def tiny_subset(run_dir, samples=12, seed=0):
 
 def test_origin_equals_plain_eval_mode_evaluation_and_repeats_bitwise(tiny_run, tmp_path):
     assert json.loads((tiny_run / "run.json").read_text())["config"]["dropout"] == 0.1
-    result = compute_surface(tiny_run, tmp_path / "s", grid=3, samples=12, seed=1)
+    result = compute_surface(tiny_run, tmp_path / "s", grid=3, samples=12, seed=1, batch_size=5)
     loaded, subset = tiny_subset(tiny_run, samples=12, seed=1)
     loaded.model.train()  # evaluate_subset must switch dropout off by itself
     plain = evaluate_subset(loaded.model, subset)
     assert result.arrays["a"][1] == 0.0 and result.arrays["b"][1] == 0.0
     assert result.arrays["loss"][1, 1] == plain.loss
     assert result.arrays["metric"][1, 1] == plain.metric
-    again = compute_surface(tiny_run, tmp_path / "again", grid=3, samples=12, seed=1)
+    again = compute_surface(tiny_run, tmp_path / "again", grid=3, samples=12, seed=1, batch_size=5)
     assert again.arrays["loss"].tobytes() == result.arrays["loss"].tobytes()
     assert loaded.model.training  # the model's own mode came back
 
@@ -75,7 +75,7 @@ def test_cell_evaluator_restores_weights_flags_and_modes_after_an_exception(tiny
             raise RuntimeError("worker died")
         return real(model_, subset_)
 
-    monkeypatch.setattr("landscape.grids.evaluate_subset", failing)
+    monkeypatch.setattr("landscape.geometry.grids.evaluate_subset", failing)
     with pytest.raises(RuntimeError, match="worker died"), CellEvaluator(model, subset, [direction]) as evaluator:
         for c in (0.5, -0.5, 1.0):
             evaluator((c,))
@@ -188,14 +188,14 @@ def test_unfinished_cells_are_nan_and_not_done_and_a_rerun_completes_them(tiny_r
             raise KeyboardInterrupt
         return real(model, subset)
 
-    monkeypatch.setattr("landscape.grids.evaluate_subset", dies_after_five)
+    monkeypatch.setattr("landscape.geometry.grids.evaluate_subset", dies_after_five)
     with pytest.raises(KeyboardInterrupt):
         compute_surface(tiny_run, tmp_path / "s", grid=(4, 3), samples=8)
     partial = load_result(tmp_path / "s")
     assert not partial.meta["complete"] and partial.arrays["done"].sum() == 5
     assert np.isnan(partial.arrays["loss"][~partial.arrays["done"]]).all()
     assert np.isnan(partial.arrays["metric"][~partial.arrays["done"]]).all()
-    monkeypatch.setattr("landscape.grids.evaluate_subset", real)
+    monkeypatch.setattr("landscape.geometry.grids.evaluate_subset", real)
     calls["n"] = 0
     counted = {"n": 0}
 
@@ -203,7 +203,7 @@ def test_unfinished_cells_are_nan_and_not_done_and_a_rerun_completes_them(tiny_r
         counted["n"] += 1
         return real(model, subset)
 
-    monkeypatch.setattr("landscape.grids.evaluate_subset", counting)
+    monkeypatch.setattr("landscape.geometry.grids.evaluate_subset", counting)
     resumed = compute_surface(tiny_run, tmp_path / "s", grid=(4, 3), samples=8)
     assert counted["n"] == 12 - 5  # only the missing cells
     assert resumed.arrays["loss"].tobytes() == reference.arrays["loss"].tobytes()
@@ -254,7 +254,7 @@ def test_serial_and_ray_give_identical_arrays(tiny_run, tmp_path):
 
 
 def test_missing_ray_is_a_clear_error(monkeypatch):
-    from landscape.grids import make_executor
+    from landscape.geometry.grids import make_executor
 
     monkeypatch.setitem(sys.modules, "ray", None)  # makes `import ray` fail
     with pytest.raises(ConfigError, match=r"pip install 'landscape\[ray\]'"):
@@ -313,7 +313,7 @@ def test_cli_interpolate_task_override_and_missing_run(tiny_run, tmp_path, capsy
 def test_a_cell_does_not_depend_on_the_cells_before_it(tiny_run):
     """PITFALLS 9: a point is written from θ, so after 50 other cells it is bitwise what it is when computed first,
     and within float32 rounding of the float64 combination."""
-    from landscape.params import combine
+    from landscape.core.params import combine
 
     loaded, subset = tiny_subset(tiny_run)
     model = loaded.model

@@ -10,8 +10,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from landscape.errors import ConfigError, DataError
-from landscape.tasks import (
+from landscape.core.errors import ConfigError, DataError
+from landscape.data.tasks import (
     Example,
     get_task,
     load_split,

@@ -8,10 +8,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from landscape.errors import ConfigError
-from landscape.models import load_model
-from landscape.tasks import get_task
-from landscape.training import TrainConfig, TrainingInterrupted, batch_indices, linear_schedule, train
+from analyses.fisher import EmpiricalFisherMask
+from landscape.core.errors import ConfigError
+from landscape.data.tasks import get_task
+from landscape.models.loading import load_model
+from landscape.training.loop import TrainConfig, TrainingInterrupted, batch_indices, linear_schedule, train
 
 
 @pytest.fixture
@@ -149,10 +150,11 @@ def test_train_fraction_subsamples_with_the_seed(config):
 def test_sharpness_aware_runs_resume_bitwise(config, tmp_path, options):
     """The optimizer's own generator (δ-SAM's directions, ESAM's draws) and the Fisher mask are checkpointed."""
     config = replace(config, dropout=0.1, **options)
-    reference = train(replace(config, out=str(tmp_path / "straight")), progress=False)
+    fisher = EmpiricalFisherMask()
+    reference = train(replace(config, out=str(tmp_path / "straight")), progress=False, fisher=fisher)
     with pytest.raises(TrainingInterrupted):
-        train(config, progress=False, stop_after_step=6)
-    resumed = train(config, resume=True, progress=False)
+        train(config, progress=False, stop_after_step=6, fisher=fisher)
+    resumed = train(config, resume=True, progress=False, fisher=fisher)
     assert resumed.resumed_from == 4
     assert_bitwise_equal(reference.run_dir / "final.safetensors", resumed.run_dir / "final.safetensors")
     records = read_metrics(resumed.run_dir)
@@ -161,7 +163,10 @@ def test_sharpness_aware_runs_resume_bitwise(config, tmp_path, options):
 
 
 def test_fisher_mask_refreshes_are_logged_with_the_kept_fraction(config):
-    result = train(replace(config, sam="fsam", mask_interval=5, fisher_samples=8, sparsity=0.9), progress=False)
+    fsam = replace(config, sam="fsam", mask_interval=5, fisher_samples=8, sparsity=0.9)
+    with pytest.raises(ConfigError, match="needs a Fisher mask provider"):
+        train(fsam, progress=False)
+    result = train(fsam, progress=False, fisher=EmpiricalFisherMask())
     masks = [r for r in read_metrics(result.run_dir) if r["kind"] == "mask"]
     assert [r["step"] for r in masks] == [1, 6, 11]
     assert all(r["kept_fraction"] == pytest.approx(0.1, abs=1e-5) for r in masks)

@@ -19,12 +19,12 @@ from safetensors.torch import load_file, save_file
 import analyses.transfer as transfer_module
 from analyses.transfer import TransferRecipe, parse_targets, transfer
 from landscape.cli.main import main
-from landscape.errors import CheckpointError, ConfigError
-from landscape.models import load_model
-from landscape.results import load_result
-from landscape.runs import open_run
-from landscape.tasks import get_task
-from landscape.training import TrainConfig, TrainingInterrupted, freeze_all_but_head, set_train_mode, train
+from landscape.core.errors import CheckpointError, ConfigError
+from landscape.core.results import load_result
+from landscape.data.tasks import get_task
+from landscape.models.loading import load_model
+from landscape.models.runs import open_run
+from landscape.training.loop import TrainConfig, TrainingInterrupted, freeze_all_but_head, set_train_mode, train
 
 WORDS = ["cat", "dog", "sun", "tree", "river", "stone", "bird", "cloud", "house", "road", "lamp", "field"]
 HEAD = ["classifier.bias", "classifier.weight"]

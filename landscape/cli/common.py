@@ -6,8 +6,9 @@ import argparse
 import sys
 from pathlib import Path
 
-from landscape.errors import ConfigError
-from landscape.runs import SPLITS, Run, open_run
+from landscape.core.errors import ConfigError
+from landscape.geometry.grids import EXECUTORS
+from landscape.models.runs import SPLITS, Run, open_run
 
 
 def positive_int(text: str) -> int:
@@ -60,3 +61,21 @@ def check_range(values: list[float], flag: str) -> tuple[float, float]:
     if not low < high:
         raise ConfigError(f"{flag} needs A < B, got {low} {high}")
     return low, high
+
+
+def add_executor_arguments(parser: argparse.ArgumentParser) -> None:
+    """``--executor --ray-address --workers``."""
+    parser.add_argument("--executor", choices=EXECUTORS, default="serial", help="where cells are computed")
+    parser.add_argument("--ray-address", help="join this Ray cluster (default: start a local one)")
+    parser.add_argument("--workers", type=positive_int, help="Ray workers (default: one per CPU)")
+
+
+def print_grid_summary(result, out) -> None:
+    """One line: where the result is, how much of it is done, and the loss at the origin when computed."""
+    import numpy as np
+
+    done = np.asarray(result.arrays["done"])
+    loss = np.asarray(result.arrays["loss"])
+    finite = loss[done & np.isfinite(loss)]
+    span = f", loss {finite.min():.4g} .. {finite.max():.4g}" if finite.size else ""
+    print(f"{result.kind} written to {out} ({int(done.sum())}/{done.size} cells{span})")

@@ -29,7 +29,13 @@ def run(args: argparse.Namespace) -> int:
 
     started = time.perf_counter()
     report = run_demo(
-        args.out, task=args.task, model=args.model, data_dir=args.data_dir, quick=args.quick, seed=args.seed
+        args.out,
+        task=args.task,
+        model=args.model,
+        data_dir=args.data_dir,
+        quick=args.quick,
+        seed=args.seed,
+        dispatch=args.dispatch,
     )
     for row in summary(args.out):
         print("  ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in row.items()))

@@ -26,7 +26,7 @@ def collect() -> dict[str, object]:
     import torch
 
     from landscape import __version__
-    from landscape.training import git_revision
+    from landscape.core.provenance import git_revision
 
     versions = {}
     for name in PACKAGES:

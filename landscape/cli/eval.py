@@ -6,12 +6,13 @@ import argparse
 import json
 from pathlib import Path
 
-from landscape.checkpoints import PICKLE_SUFFIXES, load_weights_into, read_safetensors
-from landscape.data import default_cache_dir, encode_split
-from landscape.errors import CheckpointError, ConfigError
-from landscape.evaluation import evaluate
-from landscape.models import load_model
-from landscape.tasks import get_task, load_split, resolve_data_dir
+from landscape.core.errors import CheckpointError, ConfigError
+from landscape.core.rundir import find_run_dir, read_run_info
+from landscape.data.encoding import default_cache_dir, encode_split
+from landscape.data.tasks import get_task, load_split, resolve_data_dir
+from landscape.models.evaluation import evaluate
+from landscape.models.loading import load_model
+from landscape.models.weights import PICKLE_SUFFIXES, load_weights_into, read_safetensors
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -33,15 +34,6 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.set_defaults(run=run)
 
 
-def find_run_json(start: Path) -> Path | None:
-    """The ``run.json`` of the run that ``start`` (a file or folder inside a run) belongs to."""
-    for folder in [start, *start.parents][:4]:
-        candidate = folder / "run.json"
-        if candidate.is_file():
-            return candidate
-    return None
-
-
 def resolve_weights(path: Path, weights: str) -> Path:
     """The .safetensors file that ``path`` designates."""
     if not path.exists():
@@ -61,8 +53,8 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError(f"--batch-size must be > 0, got {args.batch_size}")
     path = Path(args.path)
     weights_file = resolve_weights(path, args.weights)
-    run_json = find_run_json(path if path.is_dir() else path.parent)
-    run_config = json.loads(run_json.read_text())["config"] if run_json else {}
+    run_dir = find_run_dir(path)
+    run_config = read_run_info(run_dir)["config"] if run_dir else {}
     task_name = args.task or run_config.get("task")
     model_name = args.model or run_config.get("model")
     if not task_name:

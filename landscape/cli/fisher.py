@@ -45,7 +45,7 @@ def run(args: argparse.Namespace) -> int:
     import math
 
     from analyses.fisher_distribution import compute_fisher
-    from landscape.errors import ConfigError
+    from landscape.core.errors import ConfigError
 
     if not (math.isfinite(args.sparsity) and 0 <= args.sparsity < 1):
         raise ConfigError(f"--sparsity takes a number in [0, 1), got {args.sparsity}")

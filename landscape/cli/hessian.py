@@ -22,12 +22,11 @@ from analyses.spectral import (
     lanczos,
     lanczos_quadrature,
 )
-from landscape.checkpoints import model_parameters
 from landscape.cli.common import add_data_arguments, add_output_arguments, positive_int, run_from_args
-from landscape.errors import ConfigError
-from landscape.params import content_hash
-from landscape.results import Result, resume_or_start, save_result
-from landscape.runs import WEIGHTS, evaluate_subset, load_run_model, select_subset
+from landscape.core.errors import ConfigError
+from landscape.core.params import content_hash, model_parameters
+from landscape.core.results import Result, resume_or_start, save_result
+from landscape.models.runs import WEIGHTS, evaluate_subset, load_run_model, select_subset
 
 KIND = "hessian"
 BACKENDS = ("native", "pyhessian")

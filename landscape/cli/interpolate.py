@@ -4,9 +4,15 @@ from __future__ import annotations
 
 import argparse
 
-from landscape.cli.common import add_data_arguments, add_output_arguments, check_range, positive_int
-from landscape.cli.surface import add_executor_arguments, print_grid_summary
-from landscape.directions import NORMS
+from landscape.cli.common import (
+    add_data_arguments,
+    add_executor_arguments,
+    add_output_arguments,
+    check_range,
+    positive_int,
+    print_grid_summary,
+)
+from landscape.geometry.directions import NORMS
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -40,8 +46,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from landscape.errors import ConfigError
-    from landscape.surface import compute_interpolation
+    from landscape.core.errors import ConfigError
+    from landscape.geometry.surface import compute_interpolation
 
     if args.points < 2:
         raise ConfigError(f"--points must be >= 2, got {args.points}")

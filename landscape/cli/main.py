@@ -1,6 +1,6 @@
 """The ``landscape`` command: one module per subcommand, each exporting ``add_parser`` and ``run``.
 
-User errors (:class:`landscape.errors.LandscapeError`) print one line and exit with status 2; an interruption
+User errors (:class:`landscape.core.errors.LandscapeError`) print one line and exit with status 2; an interruption
 exits with 130; anything else is a bug and prints one line plus a hint to get the traceback.
 """
 
@@ -23,7 +23,7 @@ from landscape.cli import sharpness as sharpness_cmd
 from landscape.cli import surface as surface_cmd
 from landscape.cli import train as train_cmd
 from landscape.cli import transfer as transfer_cmd
-from landscape.errors import LandscapeError
+from landscape.core.errors import LandscapeError
 
 COMMANDS = (
     demo_cmd,
@@ -57,6 +57,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    # A command that runs other commands (the demo) is handed this dispatcher instead of importing this module,
+    # which imports every command module: no import cycle.
+    args.dispatch = main
     try:
         return int(args.run(args) or 0)
     except LandscapeError as exc:

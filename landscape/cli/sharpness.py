@@ -61,7 +61,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from analyses.sharpness import compute_sharpness
-    from landscape.errors import ConfigError
+    from landscape.core.errors import ConfigError
 
     for flag, values in (
         ("--rho", args.rho),

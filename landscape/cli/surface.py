@@ -4,16 +4,15 @@ from __future__ import annotations
 
 import argparse
 
-from landscape.cli.common import add_data_arguments, add_output_arguments, check_range, positive_int
-from landscape.directions import NORMS
-from landscape.grids import EXECUTORS
-
-
-def add_executor_arguments(parser: argparse.ArgumentParser) -> None:
-    """``--executor --ray-address --workers``."""
-    parser.add_argument("--executor", choices=EXECUTORS, default="serial", help="where cells are computed")
-    parser.add_argument("--ray-address", help="join this Ray cluster (default: start a local one)")
-    parser.add_argument("--workers", type=positive_int, help="Ray workers (default: one per CPU)")
+from landscape.cli.common import (
+    add_data_arguments,
+    add_executor_arguments,
+    add_output_arguments,
+    check_range,
+    positive_int,
+    print_grid_summary,
+)
+from landscape.geometry.directions import NORMS
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -59,8 +58,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from landscape.errors import ConfigError
-    from landscape.surface import compute_surface
+    from landscape.core.errors import ConfigError
+    from landscape.geometry.surface import compute_surface
 
     if len(args.grid) > 2 or any(n < 2 for n in args.grid):
         raise ConfigError(f"--grid takes N or N_A N_B, each >= 2, got {' '.join(map(str, args.grid))}")
@@ -90,14 +89,3 @@ def run(args: argparse.Namespace) -> int:
     )
     print_grid_summary(result, args.out)
     return 0
-
-
-def print_grid_summary(result, out) -> None:
-    """One line: where the result is, how much of it is done, and the loss at the origin when computed."""
-    import numpy as np
-
-    done = np.asarray(result.arrays["done"])
-    loss = np.asarray(result.arrays["loss"])
-    finite = loss[done & np.isfinite(loss)]
-    span = f", loss {finite.min():.4g} .. {finite.max():.4g}" if finite.size else ""
-    print(f"{result.kind} written to {out} ({int(done.sum())}/{done.size} cells{span})")

@@ -1,4 +1,4 @@
-"""``landscape train``: fine-tune a model on a GLUE/SuperGLUE task (see :mod:`landscape.training`)."""
+"""``landscape train``: fine-tune a model on a GLUE/SuperGLUE task (see :mod:`landscape.training.loop`)."""
 
 from __future__ import annotations
 
@@ -6,9 +6,9 @@ import argparse
 import dataclasses
 import json
 
-from analyses.fisher import FISHER_MODES
-from landscape.config import build_config, load_yaml, parse_overrides
-from landscape.training import TrainConfig, train
+from analyses.fisher import FISHER_MODES, EmpiricalFisherMask
+from landscape.core.config import build_config, load_yaml, parse_overrides
+from landscape.training.loop import TrainConfig, train
 from optimizers import BASE_OPTIMIZERS, SAM_VARIANTS
 
 HELP = {
@@ -101,7 +101,13 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
 
 def run(args: argparse.Namespace) -> int:
     config = config_from_args(args)
-    result = train(config, resume=args.resume, overwrite=args.overwrite, progress=not args.no_progress)
+    result = train(
+        config,
+        resume=args.resume,
+        overwrite=args.overwrite,
+        progress=not args.no_progress,
+        fisher=EmpiricalFisherMask(),
+    )
     if args.json:
         print(json.dumps({"run_dir": str(result.run_dir), "dev": result.dev_metrics}, sort_keys=True))
     else:

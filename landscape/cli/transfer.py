@@ -6,7 +6,7 @@ import argparse
 
 from analyses.transfer import DEFAULT_LR, DEFAULT_TARGETS, MODES, TransferRecipe, format_table, parse_targets, transfer
 from landscape.cli.common import add_output_arguments, positive_int
-from landscape.errors import ConfigError
+from landscape.core.errors import ConfigError
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:

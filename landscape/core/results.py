@@ -35,8 +35,8 @@ from typing import Any
 
 import numpy as np
 
-from landscape.atomic import write_text, write_with
-from landscape.errors import CheckpointError, ConfigError
+from landscape.core.atomic import write_text, write_with
+from landscape.core.errors import CheckpointError, ConfigError
 
 ARRAYS_FILE = "result.npz"
 META_FILE = "meta.json"
@@ -138,7 +138,7 @@ def save_result(result: Result, directory: str | os.PathLike[str]) -> Result:
     meta: dict[str, Any] = {"kind": result.kind, "saved_at": datetime.now(timezone.utc).isoformat(timespec="seconds")}
     # Versions and revision cost a git call: a caller that saves often (a resumable grid) passes them in meta.
     if "versions" not in result.meta or "git_revision" not in result.meta:
-        from landscape.training import environment_versions, git_revision  # imports torch: only when needed
+        from landscape.core.provenance import environment_versions, git_revision  # imports torch: only when needed
 
         meta.setdefault("versions", result.meta.get("versions") or environment_versions())
         meta.setdefault("git_revision", result.meta.get("git_revision") or git_revision())

@@ -24,10 +24,10 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from landscape.atomic import write_with
-from landscape.checkpoints import model_parameters, read_safetensors
-from landscape.errors import CheckpointError, ConfigError
-from landscape.params import Params, check_same_keys_and_shapes, dot
+from landscape.core.atomic import write_with
+from landscape.core.errors import CheckpointError, ConfigError
+from landscape.core.params import Params, check_same_keys_and_shapes, dot, model_parameters
+from landscape.models.weights import read_safetensors
 
 KINDS = ("linear", "embedding", "conv1d", "conv", "1d", "other")
 NORMS = ("filter", "layer", "model")

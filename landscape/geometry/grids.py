@@ -19,11 +19,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from landscape.checkpoints import model_parameters
-from landscape.directions import load_directions
-from landscape.errors import ConfigError
-from landscape.params import check_same_keys_and_shapes
-from landscape.runs import EvalSubset, evaluate_subset, load_run_model, open_run, read_run_weights, select_subset
+from landscape.core.errors import ConfigError
+from landscape.core.params import check_same_keys_and_shapes, model_parameters
+from landscape.geometry.directions import load_directions
+from landscape.models.runs import EvalSubset, evaluate_subset, load_run_model, open_run, read_run_weights, select_subset
 
 Cell = tuple[float, ...]
 CellResult = tuple[int, float, float]  # (cell number, loss, metric)

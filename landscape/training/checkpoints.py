@@ -1,11 +1,8 @@
-"""Checkpoints on disk: safetensors only, written atomically, never unpickled.
+"""Resumable training state on disk (``checkpoints/step-N/``), safetensors only, never unpickled.
 
-- weights (``init.safetensors``, ``final.safetensors``, ``checkpoints/step-N/model.safetensors``): the model's
-  ``named_parameters()`` (tied weights once), keyed by name;
-- resumable training state (``checkpoints/step-N/``): ``model.safetensors``; ``state.safetensors`` with every
-  tensor of the optimizer's state and the RNG states; ``state.json`` with the rest (optimizer scalars and parameter
-  groups, scheduler, step, timings), tensors referenced by name. The folder is written under a temporary name
-  and renamed, so a listed checkpoint is complete.
+``model.safetensors``; ``state.safetensors`` with every tensor of the optimizer's state and the RNG states;
+``state.json`` with the rest (optimizer scalars and parameter groups, scheduler, step, timings), tensors referenced
+by name. The folder is written under a temporary name and renamed, so a listed checkpoint is complete.
 """
 
 from __future__ import annotations
@@ -18,63 +15,14 @@ from typing import Any
 
 import numpy as np
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import nn
 
-from landscape.atomic import write_json, write_with
-from landscape.errors import CheckpointError
-from landscape.models import check_compatible
+from landscape.core.atomic import write_json, write_with
+from landscape.core.errors import CheckpointError
+from landscape.models.weights import load_weights_into, read_safetensors, save_weights
 
-PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
 CHECKPOINT_PREFIX = "step-"
-
-
-def model_parameters(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The model's parameters keyed by name, tied weights once (``named_parameters`` de-duplicates)."""
-    return {name: param for name, param in model.named_parameters()}
-
-
-def save_weights(path: str | Path, model: nn.Module, metadata: dict[str, str] | None = None) -> None:
-    """Write the model's parameters to ``path`` (safetensors) atomically."""
-    tensors = {name: param.detach().contiguous().clone() for name, param in model_parameters(model).items()}
-    write_with(path, lambda tmp: save_file(tensors, str(tmp), metadata={"format": "pt", **(metadata or {})}))
-
-
-def read_safetensors(path: str | Path) -> dict[str, torch.Tensor]:
-    """Read a safetensors file; anything else (a pickle, a missing file) is refused with a clear message."""
-    path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"checkpoint {path} does not exist; expected a .safetensors file or a run directory")
-    with open(path, "rb") as handle:
-        head = handle.read(9)
-    # A safetensors file is an 8-byte little-endian header length then "{"; the length's first byte may be 0x80,
-    # so the pickle markers (zip "PK", protocol byte 0x80) only count when the JSON header is absent.
-    looks_safetensors = len(head) == 9 and head[8:9] == b"{"
-    pickle_marker = head[:2] == b"PK" or head[:1] == b"\x80"
-    if path.suffix.lower() in PICKLE_SUFFIXES or (pickle_marker and not looks_safetensors):
-        raise CheckpointError(
-            f"checkpoint {path} is a pickle file; only safetensors are loaded (pickles can run arbitrary code)"
-        )
-    if len(head) < 9 or head[8:9] != b"{":
-        raise CheckpointError(f"checkpoint {path} is not a safetensors file")
-    try:
-        return load_file(str(path))
-    except (SafetensorError, OSError, ValueError) as exc:
-        raise CheckpointError(f"checkpoint {path} is not a readable safetensors file: {exc}") from exc
-
-
-def load_weights_into(model: nn.Module, path: str | Path) -> None:
-    """Copy the weights stored at ``path`` into ``model`` after checking names and shapes match."""
-    found = read_safetensors(path)
-    params = model_parameters(model)
-    check_compatible(params, found, str(path))
-    with torch.no_grad():
-        for name, param in params.items():
-            param.copy_(found[name])
-
-
-# --- resumable training state -------------------------------------------------------------------------------
 
 
 def flatten_state(tree: Any, prefix: str = "") -> tuple[dict[str, torch.Tensor], Any]:

@@ -21,14 +21,14 @@ from typing import Any
 import numpy as np
 import torch
 
-from landscape.checkpoints import read_safetensors
-from landscape.directions import NORMS, layer_kinds, orthogonalize, random_direction, save_directions
-from landscape.errors import ConfigError
-from landscape.grids import EXECUTORS, Cell, GridJob, Stopwatch, chunked, make_executor
-from landscape.params import check_same_keys_and_shapes, content_hash
-from landscape.results import Result, new_grid, resume_or_start, save_result
-from landscape.runs import Run, load_run_model, open_run, read_run_weights, select_subset
-from landscape.training import environment_versions, git_revision
+from landscape.core.errors import ConfigError
+from landscape.core.params import check_same_keys_and_shapes, content_hash
+from landscape.core.provenance import environment_versions, git_revision
+from landscape.core.results import Result, new_grid, resume_or_start, save_result
+from landscape.geometry.directions import NORMS, layer_kinds, orthogonalize, random_direction, save_directions
+from landscape.geometry.grids import EXECUTORS, Cell, GridJob, Stopwatch, chunked, make_executor
+from landscape.models.runs import Run, load_run_model, open_run, read_run_weights, select_subset
+from landscape.models.weights import read_safetensors
 
 DIRECTIONS_FILE = "directions.safetensors"
 ENDPOINTS = ("init", "run", "random")

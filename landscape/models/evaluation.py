@@ -8,11 +8,11 @@ import numpy as np
 import torch
 from torch import nn
 
-from landscape.data import EncodedSplit, collate
-from landscape.losses import model_inputs, per_example_loss_from_logits
-from landscape.metrics import compute_metrics
-from landscape.model_state import eval_mode
-from landscape.tasks import TaskSpec
+from landscape.data.encoding import EncodedSplit, collate
+from landscape.data.losses import model_inputs, per_example_loss_from_logits
+from landscape.data.metrics import compute_metrics
+from landscape.data.tasks import TaskSpec
+from landscape.models.state import eval_mode
 
 
 def predict(

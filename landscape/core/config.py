@@ -14,7 +14,7 @@ from typing import Any, TypeVar
 
 import yaml
 
-from landscape.errors import ConfigError
+from landscape.core.errors import ConfigError
 
 T = TypeVar("T")
 

@@ -10,7 +10,6 @@ weights every example equally whatever the batch sizes (PITFALLS 10).
 from __future__ import annotations
 
 import hashlib
-import json
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,14 +19,16 @@ import numpy as np
 import torch
 from torch import nn
 
-from landscape.checkpoints import load_weights_into, model_parameters, read_safetensors
-from landscape.data import EncodedSplit, collate, default_cache_dir, encode_split
-from landscape.errors import CheckpointError, ConfigError
-from landscape.losses import model_inputs, per_example_loss_from_logits
-from landscape.metrics import compute_metrics
-from landscape.model_state import eval_mode
-from landscape.models import LoadedModel, check_compatible, load_model
-from landscape.tasks import TaskSpec, get_task, load_split, resolve_data_dir
+from landscape.core.errors import CheckpointError, ConfigError
+from landscape.core.params import model_parameters
+from landscape.core.rundir import RUN_FILE, read_run_info
+from landscape.data.encoding import EncodedSplit, collate, default_cache_dir, encode_split
+from landscape.data.losses import model_inputs, per_example_loss_from_logits
+from landscape.data.metrics import compute_metrics
+from landscape.data.tasks import TaskSpec, get_task, load_split, resolve_data_dir
+from landscape.models.loading import LoadedModel, check_compatible, load_model
+from landscape.models.state import eval_mode
+from landscape.models.weights import load_weights_into, read_safetensors
 
 SPLITS = ("train", "dev")
 WEIGHTS = ("final", "init")
@@ -80,19 +81,11 @@ def open_run(
 ) -> Run:
     """Read ``path/run.json``; ``task``, ``data_dir`` and ``model`` override the run's own values."""
     path = Path(path)
-    run_json = path / "run.json"
-    if not path.is_dir():
-        raise CheckpointError(f"run directory {path} does not exist; expected the --out folder of landscape train")
-    if not run_json.is_file():
-        raise CheckpointError(f"{path} has no run.json; expected the --out folder of landscape train")
-    try:
-        config = json.loads(run_json.read_text(encoding="utf-8"))["config"]
-    except (ValueError, KeyError, TypeError) as exc:
-        raise CheckpointError(f"{run_json} is not a run.json written by landscape train: {exc}") from exc
+    config = read_run_info(path)["config"]
     task_name = task or config.get("task")
     model_name = model or config.get("model")
     if not task_name or not model_name:
-        raise CheckpointError(f"{run_json} names no task or model; pass --task and --model")
+        raise CheckpointError(f"{path / RUN_FILE} names no task or model; pass --task and --model")
     chosen_dir = data_dir if data_dir is not None else config.get("data_dir")
     return Run(
         path=path,

@@ -19,9 +19,9 @@ import torch
 from safetensors import SafetensorError
 from safetensors.numpy import load_file, save_file
 
-from landscape.atomic import write_with
-from landscape.errors import ConfigError, DataError
-from landscape.tasks import Example
+from landscape.core.atomic import write_with
+from landscape.core.errors import ConfigError, DataError
+from landscape.data.tasks import Example
 
 CACHE_DIR_ENV = "LANDSCAPE_CACHE_DIR"
 MIN_MAX_LENGTH = 8

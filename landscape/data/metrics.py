@@ -12,8 +12,8 @@ import numpy as np
 from scipy.stats import pearsonr, spearmanr
 from sklearn.metrics import accuracy_score, f1_score, matthews_corrcoef
 
-from landscape.errors import DataError
-from landscape.tasks import TaskSpec
+from landscape.core.errors import DataError
+from landscape.data.tasks import TaskSpec
 
 
 def _mcc(pred: np.ndarray, gold: np.ndarray) -> float:

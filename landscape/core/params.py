@@ -1,6 +1,6 @@
 """Parameter-space math on ``dict[str, Tensor]``, the toolkit's representation of a point θ or a direction d.
 
-Keys are ``named_parameters()`` names (tied weights once, see :func:`landscape.checkpoints.model_parameters`).
+Keys are ``named_parameters()`` names (tied weights once, see :func:`landscape.models.weights.model_parameters`).
 Every function is pure: inputs are never modified, results are new tensors. Linear combinations are evaluated in
 float64 and rounded once to the output dtype, so a grid point ``θ + a·d1 + b·d2`` of a loss surface (Li et al. 2018,
 "Visualizing the Loss Landscape of Neural Nets") is the correctly rounded value however far it lies from θ; walking
@@ -17,10 +17,14 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
-from landscape.checkpoints import model_parameters
-from landscape.errors import CheckpointError
+from landscape.core.errors import CheckpointError
 
 Params = dict[str, torch.Tensor]
+
+
+def model_parameters(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The model's parameters keyed by name, tied weights once (``named_parameters`` de-duplicates)."""
+    return {name: param for name, param in model.named_parameters()}
 
 
 def check_same_keys_and_shapes(a: Mapping[str, torch.Tensor], b: Mapping[str, torch.Tensor], what: str) -> None:

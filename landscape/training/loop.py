@@ -11,41 +11,32 @@ same weights as an uninterrupted one, and ``metrics.jsonl`` is cut back to the c
 
 from __future__ import annotations
 
-import json
 import math
-import platform
 import shutil
-import subprocess
 import sys
 import time
 from collections.abc import Callable
 from dataclasses import MISSING, dataclass, fields, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from analyses.fisher import FISHER_MODES, empirical_fisher, fisher_mask, mask_statistics
-from landscape.atomic import write_json, write_text
-from landscape.checkpoints import (
-    list_checkpoints,
-    load_training_state,
-    load_weights_into,
-    model_parameters,
-    read_safetensors,
-    save_training_state,
-    save_weights,
-)
-from landscape.config import config_dict
-from landscape.data import EncodedSplit, collate, default_cache_dir, encode_split
-from landscape.errors import CheckpointError, ConfigError, LandscapeError
-from landscape.evaluation import evaluate
-from landscape.losses import per_example_loss
-from landscape.models import load_model, load_tokenizer
-from landscape.params import content_hash
-from landscape.tasks import TaskSpec, get_task, load_split, resolve_data_dir, subsample_indices
+from landscape.core.atomic import write_json
+from landscape.core.config import config_dict
+from landscape.core.errors import CheckpointError, ConfigError, LandscapeError
+from landscape.core.params import content_hash, model_parameters
+from landscape.core.provenance import environment_versions, git_revision
+from landscape.core.rundir import RUN_FILES, MetricsLog, has_run, is_complete, read_run_info
+from landscape.data.encoding import EncodedSplit, collate, default_cache_dir, encode_split
+from landscape.data.losses import per_example_loss
+from landscape.data.tasks import TaskSpec, get_task, load_split, resolve_data_dir, subsample_indices
+from landscape.models.evaluation import evaluate
+from landscape.models.loading import load_model, load_tokenizer
+from landscape.models.weights import load_weights_into, read_safetensors, save_weights
+from landscape.training.checkpoints import list_checkpoints, load_training_state, save_training_state
 from optimizers import (
     BASE_OPTIMIZERS,
     SAM_VARIANTS,
@@ -68,8 +59,6 @@ PAPER_RECIPES: dict[str, tuple[float, int]] = {
     "wsc": (1e-5, 20),
 }
 DEFAULT_RECIPE = (2e-5, 3)
-
-RUN_FILES = ("run.json", "init.safetensors", "final.safetensors", "metrics.jsonl", "checkpoints", "analyses")
 
 
 @dataclass(frozen=True)
@@ -177,8 +166,8 @@ class TrainConfig:
         for name in ("mask_interval", "fisher_samples"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{name} must be > 0, got {getattr(self, name)}")
-        if self.fisher_mode not in FISHER_MODES:
-            raise ConfigError(f"fisher_mode {self.fisher_mode!r} is unknown; expected one of {', '.join(FISHER_MODES)}")
+        if not isinstance(self.fisher_mode, str) or not self.fisher_mode:
+            raise ConfigError(f"fisher_mode must be a non-empty name, got {self.fisher_mode!r}")
         if self.uses_fisher_mask and self.sam == "none":
             raise ConfigError("fisher_mask needs a sharpness-aware variant (--sam); it masks the perturbation")
 
@@ -227,41 +216,6 @@ def subset(split: EncodedSplit, indices: np.ndarray) -> EncodedSplit:
         token_type_ids=None if split.token_type_ids is None else [split.token_type_ids[i] for i in ids],
         labels=split.labels[ids],
     )
-
-
-def environment_versions() -> dict[str, str]:
-    """Versions of what determines the numbers: Python, torch, transformers, numpy, and the toolkit."""
-    import transformers
-
-    import landscape
-
-    return {
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "transformers": transformers.__version__,
-        "numpy": np.__version__,
-        "landscape": landscape.__version__,
-        "platform": platform.platform(),
-    }
-
-
-def git_revision() -> str | None:
-    """The toolkit's git revision (with ``-dirty`` when the work tree has changes), or None outside a checkout."""
-    source = Path(__file__).resolve().parent.parent
-    try:
-        rev = subprocess.run(
-            ["git", "-C", str(source), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10, check=True
-        ).stdout.strip()
-        dirty = subprocess.run(
-            ["git", "-C", str(source), "status", "--porcelain", "--untracked-files=no"],
-            capture_output=True,
-            text=True,
-            timeout=10,
-            check=True,
-        ).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return rev + ("-dirty" if dirty else "")
 
 
 @dataclass
@@ -398,8 +352,7 @@ def prepare_run_dir(run_dir: Path, config: TrainConfig, *, resume: bool, overwri
         return False
     if not run_dir.is_dir():
         raise ConfigError(f"output {run_dir} exists and is not a directory")
-    run_json = run_dir / "run.json"
-    if not run_json.exists():
+    if not has_run(run_dir):
         foreign = [p.name for p in run_dir.iterdir() if p.name not in RUN_FILES]
         if foreign:
             raise ConfigError(
@@ -420,7 +373,7 @@ def prepare_run_dir(run_dir: Path, config: TrainConfig, *, resume: bool, overwri
         raise ConfigError(
             f"output directory {run_dir} already holds a run; pass --resume to continue it or --overwrite to replace it"
         )
-    previous = json.loads(run_json.read_text())
+    previous = read_run_info(run_dir)
     old, new = _comparable(previous["config"]), _comparable(config_dict(config))
     diff = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
     if diff:
@@ -432,32 +385,6 @@ def prepare_run_dir(run_dir: Path, config: TrainConfig, *, resume: bool, overwri
     return True
 
 
-class MetricsLog:
-    """``metrics.jsonl``: one JSON object per line, flushed and fsynced after each write."""
-
-    def __init__(self, path: Path) -> None:
-        self.path = path
-
-    def truncate_after(self, step: int) -> None:
-        """Keep only records up to ``step`` (and drop a torn last line), rewriting the file atomically."""
-        if not self.path.exists():
-            return
-        kept = []
-        for line in self.path.read_text().splitlines():
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError:
-                continue
-            if record.get("step", 0) <= step:
-                kept.append(json.dumps(record, sort_keys=True))
-        write_text(self.path, "".join(line + "\n" for line in kept))
-
-    def append(self, record: dict[str, Any]) -> None:
-        with open(self.path, "a", encoding="utf-8") as handle:
-            handle.write(json.dumps(record, sort_keys=True) + "\n")
-            handle.flush()
-
-
 def train(
     config: TrainConfig,
     *,
@@ -465,13 +392,17 @@ def train(
     overwrite: bool = False,
     progress: bool = True,
     stop_after_step: int | None = None,
+    fisher: FisherMaskProvider | None = None,
 ) -> TrainResult:
     """Fine-tune ``config.model`` on ``config.task`` and write the run directory ``config.out``.
+
+    ``fisher`` builds FSAM's mask (needed when ``config.uses_fisher_mask``): ``analyses.fisher.EmpiricalFisherMask()``.
 
     ``stop_after_step`` interrupts the run (as a kill would) after that many steps; tests use it for resumption.
     """
     started = time.time()
     config = config.resolved()
+    check_mask_provider(config, fisher)
     run_dir = Path(config.out)
     data = prepare_data(config)
     resuming = prepare_run_dir(run_dir, config, resume=resume, overwrite=overwrite)
@@ -487,26 +418,29 @@ def train(
     # θ0 of a transfer run: the other run's encoder and this task's fresh head (a resumed run reloads its own θ0).
     init_record = load_encoder_from(model, config.init_from) if config.init_from and not resuming else None
     trainable = freeze_all_but_head(model) if config.freeze_encoder else None
-    base = make_base_optimizer(
-        config.optimizer, model, lr=config.lr, weight_decay=config.weight_decay, momentum=config.momentum
-    )
-    optimizer = make_sharpness_optimizer(
-        config.sam,
-        base,
-        rho=config.rho,
-        eta=config.eta,
-        ascent_fraction=config.ascent_fraction,
-        m_sharpness=config.m_sharpness,
-        exact_rho=config.exact_rho,
-        esam_beta=config.esam_beta,
-        esam_gamma=config.esam_gamma,
-        beta=config.beta,
-        gsam_alpha=config.gsam_alpha,
-        rho_min=config.rho_min,
-        same_dropout=config.same_dropout,
-        seed=config.seed,
-        max_grad_norm=config.max_grad_norm,
-    )
+    try:  # the optimizers raise ValueError as torch.optim does; here it is the user's configuration
+        base = make_base_optimizer(
+            config.optimizer, model, lr=config.lr, weight_decay=config.weight_decay, momentum=config.momentum
+        )
+        optimizer = make_sharpness_optimizer(
+            config.sam,
+            base,
+            rho=config.rho,
+            eta=config.eta,
+            ascent_fraction=config.ascent_fraction,
+            m_sharpness=config.m_sharpness,
+            exact_rho=config.exact_rho,
+            esam_beta=config.esam_beta,
+            esam_gamma=config.esam_gamma,
+            beta=config.beta,
+            gsam_alpha=config.gsam_alpha,
+            rho_min=config.rho_min,
+            same_dropout=config.same_dropout,
+            seed=config.seed,
+            max_grad_norm=config.max_grad_norm,
+        )
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from exc
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, linear_schedule(warmup_steps, total_steps))
 
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -532,8 +466,8 @@ def train(
     if trainable is not None:
         run_info["trained_parameters"] = trainable
     if resuming:
-        previous = json.loads((run_dir / "run.json").read_text())
-        if previous.get("status") == "completed" and (run_dir / "final.safetensors").exists():
+        previous = read_run_info(run_dir)
+        if is_complete(run_dir, previous):
             return TrainResult(run_dir, previous.get("dev_metrics", {}), previous["total_steps"], None)
         run_info["started"] = previous.get("started", started)
         if "init_from" in previous:
@@ -564,7 +498,7 @@ def train(
     for step in range(start_step, total_steps):
         tick = time.perf_counter()
         if config.uses_fisher_mask and step % config.mask_interval == 0:
-            log.append(refresh_fisher_mask(model, optimizer, data, config, step))
+            log.append(refresh_fisher_mask(model, optimizer, data, config, step, fisher))
         indices = batch_indices(len(data.train), config.batch_size, config.seed, step)
         batch = collate(data.train, indices, data.pad_token_id)
         lr = optimizer.param_groups[0]["lr"]
@@ -639,7 +573,12 @@ def batch_closure(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> Bat
 
 
 def refresh_fisher_mask(
-    model: torch.nn.Module, optimizer: SharpnessAware, data: PreparedData, config: TrainConfig, step: int
+    model: torch.nn.Module,
+    optimizer: SharpnessAware,
+    data: PreparedData,
+    config: TrainConfig,
+    step: int,
+    fisher: FisherMaskProvider,
 ) -> dict[str, Any]:
     """FSAM Algorithm 1, lines 6–11: empirical Fisher on N_Fisher sampled training examples, top-(1−s) mask.
 
@@ -652,12 +591,45 @@ def refresh_fisher_mask(
         collate(data.train, chosen[start : start + config.batch_size], data.pad_token_id)
         for start in range(0, count, config.batch_size)
     ]
-    fisher = empirical_fisher(model, batches, mode=config.fisher_mode)
-    mask = fisher_mask(fisher.diagonal, config.sparsity)
     previous = optimizer.mask_by_name(model.named_parameters()) or None
+    mask, statistics = fisher(model, batches, mode=config.fisher_mode, sparsity=config.sparsity, previous=previous)
     optimizer.set_mask(mask, model.named_parameters())
     # Logged under the 1-based number of the step that first uses the mask, like the train records.
-    return {"kind": "mask", "step": step + 1, "fisher_mode": config.fisher_mode, **mask_statistics(mask, previous)}
+    return {"kind": "mask", "step": step + 1, "fisher_mode": config.fisher_mode, **statistics}
+
+
+class FisherMaskProvider(Protocol):
+    """What the trainer is handed to build FSAM's mask (``analyses.fisher.EmpiricalFisherMask`` is the one shipped).
+
+    Training sits below the analyses, so it does not import the empirical Fisher: the caller (the CLI, the
+    transfer analysis, a user's script) hands a provider in. ``modes`` are the ``fisher_mode`` names it accepts.
+    """
+
+    modes: tuple[str, ...]
+
+    def __call__(
+        self,
+        model: torch.nn.Module,
+        batches: list[dict[str, torch.Tensor]],
+        *,
+        mode: str,
+        sparsity: float,
+        previous: dict[str, torch.Tensor] | None,
+    ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        """The bool mask keyed by parameter name (True = perturbed) and its statistics for ``metrics.jsonl``."""
+        ...
+
+
+def check_mask_provider(config: TrainConfig, fisher: FisherMaskProvider | None) -> None:
+    """Refuse, before anything is written, a Fisher-masked run without a provider or with a mode it lacks."""
+    if not config.uses_fisher_mask:
+        return
+    if fisher is None:
+        raise ConfigError(
+            "FSAM / --fisher-mask needs a Fisher mask provider: pass fisher=analyses.fisher.EmpiricalFisherMask()"
+        )
+    if config.fisher_mode not in fisher.modes:
+        raise ConfigError(f"fisher_mode {config.fisher_mode!r} is unknown; expected one of {', '.join(fisher.modes)}")
 
 
 class TrainingInterrupted(LandscapeError):

@@ -3,7 +3,7 @@
 A data directory holds ``glue/<Folder>/`` and ``superglue/<Folder>/`` with the files named in each
 :class:`TaskSpec`. Every row becomes an :class:`Example` whose ``label`` is an index into
 ``TaskSpec.label_names`` (or a float score for the regression task STS-B). Every malformed input raises
-:class:`~landscape.errors.DataError` naming the file and line.
+:class:`~landscape.core.errors.DataError` naming the file and line.
 
 Input choices for the SuperGLUE tasks that are not plain sentence pairs:
 
@@ -28,7 +28,7 @@ from typing import Any
 
 import numpy as np
 
-from landscape.errors import ConfigError, DataError
+from landscape.core.errors import ConfigError, DataError
 
 SPLITS = ("train", "dev")
 DATA_DIR_ENV = "LANDSCAPE_DATA_DIR"

@@ -13,8 +13,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from landscape.errors import CheckpointError, ConfigError
-from landscape.tasks import TaskSpec
+from landscape.core.errors import CheckpointError, ConfigError
+from landscape.data.tasks import TaskSpec
 
 MODEL_ALIASES = ("minilm",)
 

@@ -1,0 +1,1 @@
+"""Tasks and data: the task registry, readers, tokenisation, metrics, per-example losses."""

@@ -1,0 +1,1 @@
+"""Parameter-space geometry: directions, grids of weights, surfaces and interpolations."""

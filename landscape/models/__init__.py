@@ -1,0 +1,1 @@
+"""Models and weights: loading, safetensors weights, restore contexts, evaluation, analysis inputs."""

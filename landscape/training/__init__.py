@@ -1,0 +1,1 @@
+"""Training: its configuration, the loop, resumable checkpoints."""
