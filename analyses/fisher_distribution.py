@@ -48,6 +48,7 @@ from landscape.core.errors import CheckpointError, ConfigError
 from landscape.core.params import check_same_keys_and_shapes, content_hash, model_parameters
 from landscape.core.results import Result, resume_or_start, save_result
 from landscape.models.runs import WEIGHTS, load_run_model, open_run, select_subset
+from landscape.models.state import restored
 
 MODULE_TYPES = (
     "attention.query",
@@ -95,15 +96,11 @@ def module_type(name: str) -> str:
 @contextmanager
 def gradients_enabled(model: nn.Module, parameter_filter: Callable[[str], bool] | None = None) -> Iterator[None]:
     """Turn ``requires_grad`` on for the selected parameters (all by default); restore every flag on exit."""
-    flags = {name: p.requires_grad for name, p in model.named_parameters()}
-    try:
+    with restored(model, values=False):
         for name, p in model.named_parameters():
             if parameter_filter is None or parameter_filter(name):
                 p.requires_grad_(True)
         yield
-    finally:
-        for name, p in model.named_parameters():
-            p.requires_grad_(flags[name])
 
 
 def fisher_diagonal(

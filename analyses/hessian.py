@@ -2,11 +2,12 @@
 
 ``H = ∇²_w L(w)`` with ``L(w) = (1/N) Σᵢ ℓᵢ(w)``, the mean per-example loss over the N examples of an
 :class:`landscape.models.runs.EvalSubset`: each batch contributes ``(1/N) Σ_{i∈b} ∇²ℓᵢ``, so batches of unequal size
-(an uneven last batch) weigh by their number of examples and the product equals the full-batch one (PITFALLS 10).
-The model is evaluated in eval mode (dropout off: the operator is deterministic, PITFALLS 16) through
+(an uneven last batch) weigh by their number of examples and the product equals the full-batch one
+(docs/pitfalls.md §10).
+The model is evaluated in eval mode (dropout off: the operator is deterministic, docs/pitfalls.md §16) through
 ``torch.func.functional_call`` on detached copies of its parameters that share their storage: the model's
 parameters, ``requires_grad`` flags and ``.grad`` are never touched and its train/eval modes are restored after
-every product, also when one raises (PITFALLS 5).
+every product, also when one raises (docs/pitfalls.md §5).
 
 ``w`` is the selected parameters (``parameter_filter(name)``) flattened in ``named_parameters()`` order; vectors are
 float64 [dim]; products are computed in the model's dtype and returned in float64.
@@ -21,7 +22,7 @@ Two ways to compute ``Hv`` (``method``):
   as a forward-mode derivative of the gradient); nothing is kept between products.
 
 ``"auto"`` takes the faster here (see docs/hessian.md for the measurement on MiniLM). Hugging Face models with SDPA
-attention have no double backward (PITFALLS 15): load them with ``attn_implementation="eager"``.
+attention have no double backward (docs/pitfalls.md §15): load them with ``attn_implementation="eager"``.
 
 A cross-check backend through PyHessian (Yao et al. 2020) is here too: :func:`pyhessian_eigenvalues` and
 :func:`pyhessian_trace` feed the same examples to ``pyhessian.hessian``.
@@ -44,7 +45,7 @@ from analyses.spectral import TraceEstimate
 from landscape.core.errors import ConfigError
 from landscape.core.params import model_parameters
 from landscape.data.losses import model_inputs, per_example_loss_from_logits
-from landscape.models.state import eval_mode
+from landscape.models.state import eval_mode, restored
 
 HVP_METHODS = ("auto", "double-backward", "forward-over-reverse")
 # Measured on MiniLM, 32 CoLA examples, 1 thread (docs/hessian.md): the kept-graph double backward is the fastest.
@@ -268,11 +269,9 @@ def _pyhessian_session(
     check_attention(model)
     batches = _batches_of(subset)
     parameters = model_parameters(model)
-    flags = {name: p.requires_grad for name, p in parameters.items()}
-    saved_grads = {name: p.grad for name, p in parameters.items()}
-    modes = [(module, module.training) for module in model.modules()]
     device = next(iter(parameters.values())).device
-    try:
+    # PyHessian fills .grad and needs requires_grad on the block: flags, grads and modes come back on exit.
+    with restored(model, values=False, grads=True):
         for name, p in parameters.items():
             p.requires_grad_(parameter_filter is None or parameter_filter(name))
             p.grad = None
@@ -294,12 +293,6 @@ def _pyhessian_session(
                 loader = [(inputs, labels) for (inputs, _), labels in packed]
                 session = PyHessian(wrapper, criterion, dataloader=loader, cuda=device.type == "cuda")
             yield session
-    finally:
-        for name, p in parameters.items():
-            p.grad = saved_grads[name]
-            p.requires_grad_(flags[name])
-        for module, training in modes:
-            module.training = training
 
 
 def pyhessian_eigenvalues(
@@ -334,7 +327,7 @@ def pyhessian_trace(
     """PyHessian's Hutchinson ``trace`` with exactly ``samples`` Rademacher vectors.
 
     Its own stopping rule ``|mean − previous| / (previous + 1e-6) < tol`` is met at once by a negative running mean
-    (PITFALLS 13); ``tol=-inf`` disables it, so all ``samples`` are drawn.
+    (docs/pitfalls.md §13); ``tol=-inf`` disables it, so all ``samples`` are drawn.
     """
     with _pyhessian_session(model, subset, parameter_filter, seed) as session:
         values = np.asarray(session.trace(maxIter=samples, tol=-math.inf), dtype=np.float64)

@@ -114,7 +114,8 @@ class SubsetLoss:
             for batch in self._batches():
                 losses = self._losses(leaves, batch)
                 total += float(losses.detach().double().sum())
-                # Each batch's sum divided by N: every example weighs 1/N, whatever the batch sizes (PITFALLS 10).
+                # Each batch's sum divided by N: every example weighs 1/N, whatever the batch sizes
+                # (docs/pitfalls.md §10).
                 parts = torch.autograd.grad(losses.sum() / len(self), list(leaves.values()), allow_unused=True)
                 for name, part in zip(leaves, parts, strict=True):
                     if part is not None:

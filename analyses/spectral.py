@@ -6,16 +6,16 @@ else on the CPU; the algorithms keep their own vectors (Krylov bases, sketches) 
 
 * :func:`lanczos`: the k extreme eigenpairs by the Lanczos method with full reorthogonalisation (Golub & Van Loan,
   *Matrix Computations*, §10.1). Convergence is judged by the explicit residual ‖Av − λv‖ of each returned pair,
-  computed with one extra product per pair, never by two consecutive estimates agreeing (PITFALLS 12).
+  computed with one extra product per pair, never by two consecutive estimates agreeing (docs/pitfalls.md §12).
 * :func:`power_iteration`: one eigenpair at a time with deflation against the pairs already found; it converges to
-  the eigenvalue of largest magnitude (PITFALLS 11), the method PyHessian uses, kept for comparison.
+  the eigenvalue of largest magnitude (docs/pitfalls.md §11), the method PyHessian uses, kept for comparison.
 * :func:`hutchinson`: ``tr(A) ≈ mean_i zᵢᵀ A zᵢ`` with Rademacher ``zᵢ`` (Hutchinson 1990), mean and standard error,
-  all samples always drawn (no early stop on a running mean, PITFALLS 13).
+  all samples always drawn (no early stop on a running mean, docs/pitfalls.md §13).
 * :func:`hutchpp`: Hutch++ (Meyer, Musco, Musco, Woodruff 2021, Algorithm 1): ``tr(QᵀAQ)`` on a sketched range
   ``Q = orth(AS)`` plus Hutchinson on the deflated rest ``(I − QQᵀ)A(I − QQᵀ)``.
 * :func:`spectral_density`: stochastic Lanczos quadrature (Ubaru, Chen, Saad 2017; Ghorbani, Krishnan, Xiao 2019):
   per random start vector, the tridiagonal ``T`` of m Lanczos steps, ``eigh(T) = (θⱼ, sⱼ)``, nodes ``θⱼ`` with
-  weights ``τⱼ = s₁ⱼ²`` (real, summing to one, PITFALLS 14), broadened by a Gaussian of width σ.
+  weights ``τⱼ = s₁ⱼ²`` (real, summing to one, docs/pitfalls.md §14), broadened by a Gaussian of width σ.
 """
 
 from __future__ import annotations

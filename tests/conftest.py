@@ -18,6 +18,17 @@ NEGATIVE = ["bad", "awful", "poor", "dull", "sad", "cold", "grim", "dark"]
 FILLER = ["the", "movie", "was", "really", "quite", "a", "story", "and", "film", "plot"]
 
 
+@pytest.fixture
+def one_thread():
+    """One torch thread for the test: small products do not wait on busy cores, and reductions run in one order."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(autouse=True)
 def _isolated_cache(tmp_path_factory, monkeypatch):
     """Tokenisation caches go to a per-session temporary folder, never the user's home."""

@@ -4,15 +4,14 @@ Keys are ``named_parameters()`` names (tied weights once, see :func:`landscape.m
 Every function is pure: inputs are never modified, results are new tensors. Linear combinations are evaluated in
 float64 and rounded once to the output dtype, so a grid point ``θ + a·d1 + b·d2`` of a loss surface (Li et al. 2018,
 "Visualizing the Loss Landscape of Neural Nets") is the correctly rounded value however far it lies from θ; walking
-the grid with in-place ``add_`` would instead accumulate one rounding error per step (PITFALLS 9).
+the grid with in-place ``add_`` would instead accumulate one rounding error per step (docs/pitfalls.md §9).
 """
 
 from __future__ import annotations
 
 import hashlib
 import math
-from collections.abc import Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from collections.abc import Mapping, Sequence
 
 import torch
 from torch import nn
@@ -122,33 +121,3 @@ def content_hash(params: Mapping[str, torch.Tensor]) -> str:
         if t.numel():
             digest.update(t.view(torch.uint8).numpy().tobytes())
     return digest.hexdigest()
-
-
-@contextmanager
-def loaded_parameters(model: nn.Module, params: Mapping[str, torch.Tensor]) -> Iterator[nn.Module]:
-    """Temporarily copy ``params`` into ``model``'s parameters; yield the model.
-
-    On exit, also when the block raises, every parameter gets back its original values bitwise (restored by copy
-    from a snapshot, not by subtracting a perturbation), its ``requires_grad`` flag, and every submodule its
-    train/eval mode (PITFALLS 5). ``.grad`` is not managed. ``params`` must have exactly the model's parameter
-    names and shapes; a tied tensor appears once and so is written once. Costs one copy of the weights.
-    """
-    current = model_parameters(model)
-    check_same_keys_and_shapes(current, params, "the model's parameters and the loaded ones")
-    snapshot = {name: p.detach().clone() for name, p in current.items()}
-    flags = {name: p.requires_grad for name, p in current.items()}
-    modes = [(module, module.training) for module in model.modules()]
-    try:
-        with torch.no_grad():
-            for name, p in current.items():
-                p.copy_(params[name])
-        yield model
-    finally:
-        with torch.no_grad():
-            for name, p in current.items():
-                p.copy_(snapshot[name])
-        for name, p in current.items():
-            p.requires_grad_(flags[name])
-        # Set each module's flag directly: ``module.train(mode)`` would recurse and overwrite its children's modes.
-        for module, training in modes:
-            module.training = training

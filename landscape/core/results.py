@@ -17,7 +17,7 @@ Grids (surfaces and sweeps) of Li et al. 2018, "Visualizing the Loss Landscape o
   (rows = b, columns = a, as ``matplotlib.contour(a, b, loss)`` expects), or shape (n_a,) for a 1-D curve;
 - ``done``: bool, the shape of ``loss``: which cells were computed. A cell not computed is NaN *and* not done;
   a computed cell may hold any value, negative or NaN (a diverged loss), so "missing" is never read from the
-  values themselves (PITFALLS 8). A rerun computes the cells where ``done`` is False.
+  values themselves (docs/pitfalls.md §8). A rerun computes the cells where ``done`` is False.
 """
 
 from __future__ import annotations

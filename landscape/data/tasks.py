@@ -349,6 +349,17 @@ def load_split(task: TaskSpec, split: str, data_dir: Path | None) -> list[Exampl
     return examples
 
 
+def seeded_indices(n: int, k: int, seed: int) -> np.ndarray:
+    """``k`` distinct positions of ``range(n)`` drawn with ``seed``, sorted, int64; ``k >= n`` means all of them.
+
+    The one seeded subsample of the toolkit: training's ``train_fraction`` and the analyses' ``--samples`` both
+    draw through it, so the same (n, k, seed) selects the same examples everywhere.
+    """
+    if k >= n:
+        return np.arange(n, dtype=np.int64)
+    return np.sort(np.random.default_rng(seed).choice(n, size=k, replace=False)).astype(np.int64)
+
+
 def subsample_indices(n: int, fraction: float, seed: int) -> np.ndarray:
     """Seeded draw of ``round(fraction * n)`` distinct indices out of ``range(n)``, sorted."""
     if isinstance(fraction, bool) or not isinstance(fraction, numbers.Real) or not math.isfinite(fraction):
@@ -360,10 +371,7 @@ def subsample_indices(n: int, fraction: float, seed: int) -> np.ndarray:
     k = n if fraction == 1.0 else round(fraction * n)
     if k == 0:
         raise DataError(f"fraction {fraction} of {n} examples gives 0 examples; use a larger fraction")
-    if k == n:
-        return np.arange(n, dtype=np.int64)
-    rng = np.random.default_rng(seed)
-    return np.sort(rng.choice(n, size=k, replace=False)).astype(np.int64)
+    return seeded_indices(n, k, seed)
 
 
 # ----------------------------------------------------------------------------------------------------------

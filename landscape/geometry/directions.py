@@ -197,17 +197,21 @@ def orthogonalize(d2: Mapping[str, torch.Tensor], d1: Mapping[str, torch.Tensor]
     }
 
 
-def checkpoint_direction(theta0: Mapping[str, torch.Tensor], theta1: Mapping[str, torch.Tensor]) -> Params:
+def checkpoint_direction(
+    theta0: Mapping[str, torch.Tensor], theta1: Mapping[str, torch.Tensor], *, dtype: torch.dtype | None = None
+) -> Params:
     """``θ1 − θ0``, the direction of an interpolation between two checkpoints of the same architecture and head.
 
+    The difference is taken in float64 and stored in ``dtype`` (default: the directions' float dtype of the two
+    weights). Interpolation keeps float64 (exact for float32 weights), so ``θ1 + (−1)·(θ1 − θ0)`` rounds back to θ0.
     Raises :class:`CheckpointError` naming the first differing parameter (another architecture, another head).
     """
     check_same_keys_and_shapes(theta0, theta1, "the two checkpoints θ0 and θ1")
     out: Params = {}
     for name, t1 in theta1.items():
         t0 = theta0[name].detach().to(t1.device)
-        dtype = _direction_dtype(torch.promote_types(t0.dtype, t1.dtype))
-        out[name] = (t1.detach().to(torch.float64) - t0.to(torch.float64)).to(dtype)
+        target = dtype or _direction_dtype(torch.promote_types(t0.dtype, t1.dtype))
+        out[name] = (t1.detach().to(torch.float64) - t0.to(torch.float64)).to(target)
     return out
 
 

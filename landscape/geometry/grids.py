@@ -3,8 +3,8 @@
 A surface or interpolation is a list of cells, each a tuple of coefficients ``(c_1, ..., c_K)`` along ``K``
 directions. A :class:`GridJob` says, with plain picklable values only, how to build the evaluator (which run,
 weights, directions file and example subset), so that a Ray worker can build its own copy once and then evaluate
-any chunk of cells. Every cell is computed from θ (never by walking the grid, PITFALLS 9) and independently of the
-others, so the values do not depend on the executor or on where a resumed computation restarted.
+any chunk of cells. Every cell is computed from θ (never by walking the grid, docs/pitfalls.md §9) and
+independently of the others, so the values do not depend on the executor or on where a resumed computation restarted.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -23,6 +23,7 @@ from landscape.core.errors import ConfigError
 from landscape.core.params import check_same_keys_and_shapes, model_parameters
 from landscape.geometry.directions import load_directions
 from landscape.models.runs import EvalSubset, evaluate_subset, load_run_model, open_run, read_run_weights, select_subset
+from landscape.models.state import restored
 
 Cell = tuple[float, ...]
 CellResult = tuple[int, float, float]  # (cell number, loss, metric)
@@ -33,12 +34,13 @@ class CellEvaluator:
     """Loss and metric of ``model`` at ``θ + Σ_k c_k·d_k`` on a fixed example subset.
 
     Use as a context manager: on exit, also after an exception, the model's parameters are restored bitwise from
-    a snapshot, and its ``requires_grad`` flags and every submodule's train/eval mode are restored (PITFALLS 5).
-    Every cell is written from θ (never by stepping from the previous cell, PITFALLS 9) as
+    a snapshot, and its ``requires_grad`` flags and every submodule's train/eval mode are restored
+    (``landscape.models.state.restored``, docs/pitfalls.md §5).
+    Every cell is written from θ (never by stepping from the previous cell, docs/pitfalls.md §9) as
     ``p = θ + c_1·d_1``, then ``p += c_2·d_2``, in the common dtype of θ and the directions: float32 for the random
     directions of float32 weights (within about one ulp of the float64 value, at a third of the cost), float64 for
     the interpolation direction θ1 − θ0, so that α = −1 gives θ0 exactly. Zero coefficients are skipped and the
-    origin is θ bitwise. Evaluation runs in eval mode under ``torch.inference_mode`` (PITFALLS 4).
+    origin is θ bitwise. Evaluation runs in eval mode under ``torch.inference_mode`` (docs/pitfalls.md §4).
     """
 
     def __init__(
@@ -58,27 +60,17 @@ class CellEvaluator:
             check_same_keys_and_shapes(current, direction, f"the model's parameters and direction {k}")
         self._theta = {name: theta[name].detach().to(current[name].dtype).clone() for name in current}
         self._directions = [{name: d[name].detach() for name in current} for d in directions]
-        self._saved: dict[str, Any] | None = None
+        self._saved: AbstractContextManager[nn.Module] | None = None
 
     def __enter__(self) -> CellEvaluator:
-        params = self._parameters
-        self._saved = {
-            "values": {name: p.detach().clone() for name, p in params.items()},
-            "flags": {name: p.requires_grad for name, p in params.items()},
-            "modes": [(module, module.training) for module in self.model.modules()],
-        }
+        self._saved = restored(self.model)
+        self._saved.__enter__()
         return self
 
-    def __exit__(self, *exc_info: object) -> None:
+    def __exit__(self, *exc_info: Any) -> None:
         saved, self._saved = self._saved, None
         assert saved is not None
-        with torch.no_grad():
-            for name, p in self._parameters.items():
-                p.copy_(saved["values"][name])
-        for name, p in self._parameters.items():
-            p.requires_grad_(saved["flags"][name])
-        for module, training in saved["modes"]:
-            module.training = training
+        saved.__exit__(*exc_info)
 
     def set_point(self, coefficients: Sequence[float]) -> None:
         """Write ``θ + Σ_k c_k·d_k`` into the model's parameters (inside the context only)."""

@@ -25,7 +25,14 @@ from landscape.core.errors import ConfigError
 from landscape.core.params import check_same_keys_and_shapes, content_hash
 from landscape.core.provenance import environment_versions, git_revision
 from landscape.core.results import Result, new_grid, resume_or_start, save_result
-from landscape.geometry.directions import NORMS, layer_kinds, orthogonalize, random_direction, save_directions
+from landscape.geometry.directions import (
+    NORMS,
+    checkpoint_direction,
+    layer_kinds,
+    orthogonalize,
+    random_direction,
+    save_directions,
+)
 from landscape.geometry.grids import EXECUTORS, Cell, GridJob, Stopwatch, chunked, make_executor
 from landscape.models.runs import Run, load_run_model, open_run, read_run_weights, select_subset
 from landscape.models.weights import read_safetensors
@@ -278,16 +285,6 @@ def compute_surface(
     )
 
 
-def interpolation_direction(
-    theta0: Mapping[str, torch.Tensor], theta1: Mapping[str, torch.Tensor]
-) -> dict[str, torch.Tensor]:
-    """``θ1 − θ0`` in float64 (exact for float32 weights), so that ``θ1 + (−1)·(θ1 − θ0)`` rounds back to θ0."""
-    check_same_keys_and_shapes(theta0, theta1, "the two checkpoints θ0 and θ1")
-    return {
-        name: t1.detach().to(torch.float64) - theta0[name].detach().to(torch.float64) for name, t1 in theta1.items()
-    }
-
-
 def compute_interpolation(
     run_path: str | Path,
     out: str | Path,
@@ -358,7 +355,7 @@ def compute_interpolation(
                 theta1, seed=direction_seed(seed, 0), norm=norm, ignore_1d=ignore_1d, kinds=layer_kinds(loaded.model)
             )
         else:
-            direction = interpolation_direction(theta0, theta1)
+            direction = checkpoint_direction(theta0, theta1, dtype=torch.float64)
         out.mkdir(parents=True, exist_ok=True)
         save_directions(directions_path, [direction], {"kind": endpoint, "theta1_sha256": theta1_sha})
     del loaded, theta0

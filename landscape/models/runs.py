@@ -4,7 +4,7 @@ An analysis command (``surface``, ``interpolate``, ``hessian``, ``fisher``, ``sh
 (written by ``landscape train``), takes the task, model, data directory and ``max_length`` from its ``run.json``
 (``--task`` / ``--data-dir`` override them), and evaluates on a fixed, seeded subset of one split that is tokenized
 and batched once (:class:`EvalSubset`). Batches are padded to their own longest example; the subset's mean loss
-weights every example equally whatever the batch sizes (PITFALLS 10).
+weights every example equally whatever the batch sizes (docs/pitfalls.md §10).
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from landscape.core.rundir import RUN_FILE, read_run_info
 from landscape.data.encoding import EncodedSplit, collate, default_cache_dir, encode_split
 from landscape.data.losses import model_inputs, per_example_loss_from_logits
 from landscape.data.metrics import compute_metrics
-from landscape.data.tasks import TaskSpec, get_task, load_split, resolve_data_dir
+from landscape.data.tasks import TaskSpec, get_task, load_split, resolve_data_dir, seeded_indices
 from landscape.models.loading import LoadedModel, check_compatible, load_model
 from landscape.models.state import eval_mode
 from landscape.models.weights import load_weights_into, read_safetensors
@@ -101,7 +101,7 @@ def load_run_model(run: Run, weights: str = "final", *, attn_implementation: str
     """The run's architecture with ``weights`` loaded, in eval mode, gradients off.
 
     ``attn_implementation="eager"`` for anything that needs double backward (Hessian-vector products): PyTorch's
-    fused attention kernels have no second derivative (PITFALLS 15). Dropout is as in the run's config but is
+    fused attention kernels have no second derivative (docs/pitfalls.md §15). Dropout is as in the run's config but is
     never active, because every analysis evaluates in eval mode.
     """
     loaded = load_model(
@@ -168,10 +168,7 @@ def choose_indices(split_size: int, samples: int | None, seed: int) -> np.ndarra
     """
     if samples is not None and (isinstance(samples, bool) or not isinstance(samples, int) or samples <= 0):
         raise ConfigError(f"samples must be a positive integer, got {samples!r}")
-    if samples is None or samples >= split_size:
-        return np.arange(split_size, dtype=np.int64)
-    rng = np.random.default_rng(seed)
-    return np.sort(rng.choice(split_size, size=samples, replace=False)).astype(np.int64)
+    return seeded_indices(split_size, split_size if samples is None else samples, seed)
 
 
 def select_subset(
@@ -234,7 +231,7 @@ class Evaluation:
 def evaluate_subset(model: nn.Module, subset: EvalSubset) -> Evaluation:
     """Loss and primary metric of ``model`` on ``subset``, in eval mode under ``torch.inference_mode``.
 
-    The model's train/eval flags are restored afterwards (PITFALLS 4, 5); its weights are not touched.
+    The model's train/eval flags are restored afterwards (docs/pitfalls.md §4, 5); its weights are not touched.
     """
     losses, predictions = [], []
     with eval_mode(model), torch.inference_mode():

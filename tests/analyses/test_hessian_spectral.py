@@ -17,15 +17,6 @@ from analyses.spectral import (
 from landscape.core.errors import ConfigError
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Small products: one torch thread avoids waiting on busy cores (the machine is shared)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 class MatrixOperator:
     """An explicit symmetric matrix as an operator; counts its products."""
 
@@ -37,6 +28,9 @@ class MatrixOperator:
     def matvec(self, v: torch.Tensor) -> torch.Tensor:
         self.products += 1
         return self.matrix @ v
+
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def with_spectrum(eigenvalues, seed: int = 0) -> np.ndarray:

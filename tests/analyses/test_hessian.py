@@ -21,17 +21,12 @@ SMALL_BLOCK = r"^classifier\.|encoder\.layer\.1\.output\.LayerNorm\."  # 66 + 64
 METHODS = ("double-backward", "forward-over-reverse")
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def run(tiny_run):
     return open_run(tiny_run)
+
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny_model(run, *, dtype=torch.float64, attn="eager"):

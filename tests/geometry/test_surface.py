@@ -1,4 +1,5 @@
-"""Surfaces and interpolations: PITFALLS 4-9 against plain evaluations, an analytic loss and an uninterrupted run."""
+"""Surfaces and interpolations: docs/pitfalls.md §4-9 against plain evaluations, an analytic loss and an
+uninterrupted run."""
 
 from __future__ import annotations
 
@@ -34,7 +35,7 @@ def tiny_subset(run_dir, samples=12, seed=0):
     return loaded, select_subset(run, loaded.tokenizer, samples=samples, seed=seed, batch_size=5)
 
 
-# --- PITFALLS 4: eval mode, origin equals a plain evaluation, bitwise repeatable with dropout -------------------
+# --- docs/pitfalls.md §4: eval mode, origin equals a plain evaluation, bitwise repeatable with dropout ----------------
 
 
 def test_origin_equals_plain_eval_mode_evaluation_and_repeats_bitwise(tiny_run, tmp_path):
@@ -51,7 +52,7 @@ def test_origin_equals_plain_eval_mode_evaluation_and_repeats_bitwise(tiny_run, 
     assert loaded.model.training  # the model's own mode came back
 
 
-# --- PITFALLS 5: the model exactly restored, also after an exception mid-grid ----------------------------------
+# --- docs/pitfalls.md §5: the model exactly restored, also after an exception mid-grid --------------------------------
 
 
 def test_cell_evaluator_restores_weights_flags_and_modes_after_an_exception(tiny_run, monkeypatch):
@@ -85,7 +86,7 @@ def test_cell_evaluator_restores_weights_flags_and_modes_after_an_exception(tiny
     assert {name: m.training for name, m in model.named_modules()} == modes
 
 
-# --- PITFALLS 6: orientation of a non-square grid over an analytic loss -----------------------------------------
+# --- docs/pitfalls.md §6: orientation of a non-square grid over an analytic loss --------------------------------------
 
 
 class AnalyticModel(nn.Module):
@@ -139,7 +140,7 @@ def test_non_square_grid_matches_the_formula_at_the_labelled_coordinates(tmp_pat
     assert result.arrays["done"].all()
 
 
-# --- PITFALLS 7: interpolation endpoints exact ---------------------------------------------------------------
+# --- docs/pitfalls.md §7: interpolation endpoints exact ---------------------------------------------------------------
 
 
 def test_interpolation_endpoints_are_the_two_checkpoints_exactly(tiny_run, tmp_path):
@@ -174,7 +175,7 @@ def test_mismatched_checkpoints_give_a_clear_error(tiny_run, tmp_path):
         compute_interpolation(tiny_run, tmp_path / "i", to=other, points=3, samples=4)
 
 
-# --- PITFALLS 8/9 and resumption ----------------------------------------------------------------------------
+# --- docs/pitfalls.md §8/9 and resumption ----------------------------------------------------------------------------
 
 
 def test_unfinished_cells_are_nan_and_not_done_and_a_rerun_completes_them(tiny_run, tmp_path, monkeypatch):
@@ -311,7 +312,8 @@ def test_cli_interpolate_task_override_and_missing_run(tiny_run, tmp_path, capsy
 
 
 def test_a_cell_does_not_depend_on_the_cells_before_it(tiny_run):
-    """PITFALLS 9: a point is written from θ, so after 50 other cells it is bitwise what it is when computed first,
+    """docs/pitfalls.md §9: a point is written from θ, so after 50 other cells it is bitwise what it is when computed
+    first,
     and within float32 rounding of the float64 combination."""
     from landscape.core.params import combine
 

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import exit_status
 
 from analyses.fisher_distribution import (
     MODULE_TYPES,
@@ -199,14 +200,6 @@ def test_fisher_cli_end_to_end(tiny_run, tiny_sam_run, tmp_path, capsys):
         main(["fisher", str(tiny_run), "--samples", "6", "--compare-weights", "init", "--out", str(versus_init)]) == 0
     )
     assert load_result(versus_init).meta["compare"]["weights"] == "init"
-
-
-def exit_status(argv: list[str]) -> int:
-    """``main``'s status, also when argparse rejects a value (it exits through SystemExit)."""
-    try:
-        return main(argv)
-    except SystemExit as exc:
-        return int(exc.code)
 
 
 @pytest.mark.parametrize(

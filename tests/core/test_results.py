@@ -1,4 +1,4 @@
-"""The results format: bitwise round trips, NaN + done grids (PITFALLS 8), orientation, and refusing bad files."""
+"""The results format: bitwise round trips, NaN + done grids (docs/pitfalls.md §8), orientation, refusing bad files."""
 
 from __future__ import annotations
 

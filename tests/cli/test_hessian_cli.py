@@ -7,6 +7,7 @@ import json
 import numpy as np
 import pytest
 import torch
+from helpers import exit_status
 
 from analyses.hessian import HessianOperator, name_filter
 from landscape.cli.main import main
@@ -16,20 +17,7 @@ from landscape.models.runs import load_run_model, open_run, select_subset
 BLOCK = r"^classifier\.|encoder\.layer\.1\.output\.LayerNorm\."  # 130 scalars: the dense Hessian is cheap
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def exit_status(argv: list[str]) -> int:
-    """``main``'s status, also when argparse exits (bad option values)."""
-    try:
-        return main(argv)
-    except SystemExit as exc:
-        return int(exc.code)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def dense_block_hessian(tiny_run, samples: int, seed: int) -> np.ndarray:

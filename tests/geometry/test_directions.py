@@ -1,5 +1,5 @@
 """Directions (Li et al. 2018): filter normalisation per layer kind, 1-D parameters, Gaussian draws, tied weights,
-Gram–Schmidt, checkpoint and PCA directions, and the directions file (PITFALLS 1–3).
+Gram–Schmidt, checkpoint and PCA directions, and the directions file (docs/pitfalls.md §1–3).
 
 Every expected norm is recomputed here from the tensors with ``torch.linalg.norm`` along the axis that the layer's
 semantics dictates, independently of the code under test.
@@ -16,7 +16,7 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from landscape.core.errors import CheckpointError, ConfigError
-from landscape.core.params import combine, dot, loaded_parameters, model_parameters, norm
+from landscape.core.params import combine, dot, model_parameters, norm
 from landscape.geometry.directions import (
     checkpoint_direction,
     layer_kinds,
@@ -26,6 +26,7 @@ from landscape.geometry.directions import (
     random_direction,
     save_directions,
 )
+from landscape.models.state import loaded_parameters
 
 
 class Mixed(nn.Module):

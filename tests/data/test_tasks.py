@@ -21,7 +21,7 @@ from landscape.data.tasks import (
     task_names,
 )
 
-SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+SHARED_DATA = Path(__file__).resolve().parents[2].parent / "shared" / "data"
 
 ALL_TASKS = [
     "cola",
@@ -676,3 +676,13 @@ def test_real_rte_row_with_extra_column(shared_data):
     assert row.guid == "train.tsv:2166"
     assert row.text_b == 'The film "WarGames" was shot in 1983.'
     assert get_task("rte").label_names[row.label] == "not_entailment"
+
+
+def test_training_fractions_and_analysis_samples_draw_the_same_seeded_subset():
+    from landscape.models.runs import choose_indices
+
+    drawn = subsample_indices(50, 0.4, 7)
+    assert np.array_equal(drawn, choose_indices(50, 20, 7))
+    assert len(set(drawn.tolist())) == 20 and np.all(np.diff(drawn) > 0) and drawn.dtype == np.int64
+    assert not np.array_equal(drawn, subsample_indices(50, 0.4, 8))  # the seed matters
+    assert np.array_equal(choose_indices(50, None, 7), np.arange(50))

@@ -11,7 +11,7 @@ from landscape.core.config import build_config, load_yaml, parse_overrides
 from landscape.core.errors import ConfigError
 from landscape.training.loop import TrainConfig
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 SHIPPED = sorted((REPO / "configs").glob("*.yaml"))
 
 

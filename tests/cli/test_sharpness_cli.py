@@ -6,6 +6,7 @@ import json
 
 import numpy as np
 import pytest
+from helpers import exit_status
 
 from landscape.cli.main import main
 from landscape.core.results import load_result
@@ -13,14 +14,6 @@ from landscape.core.results import load_result
 pytestmark = pytest.mark.filterwarnings("ignore:There is a performance drop:UserWarning")
 
 FAST = ["--samples", "4", "--pgd-steps", "1", "--gaussian-samples", "2", "--batch-size", "4"]
-
-
-def exit_status(argv: list[str]) -> int:
-    """``main``'s status, also when argparse rejects a value (it exits through SystemExit)."""
-    try:
-        return main(argv)
-    except SystemExit as exc:
-        return int(exc.code)
 
 
 def test_sharpness_cli_end_to_end(tiny_run, tmp_path, capsys):

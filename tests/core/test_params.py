@@ -1,4 +1,5 @@
-"""Parameter-space math: exact grid points (PITFALLS 9), float64 reductions, hashing, restoring a model (PITFALLS 5).
+"""Parameter-space math: exact grid points (docs/pitfalls.md §9), float64 reductions, hashing, restoring a model
+(docs/pitfalls.md §5).
 
 References are computed independently in numpy float64.
 """
@@ -17,12 +18,12 @@ from landscape.core.params import (
     combine,
     content_hash,
     dot,
-    loaded_parameters,
     norm,
     scale,
     sub,
     zeros_like,
 )
+from landscape.models.state import loaded_parameters
 
 
 def random_params(seed: int, shapes: dict[str, tuple[int, ...]] | None = None) -> dict[str, torch.Tensor]:

@@ -14,7 +14,7 @@ import pytest
 from landscape.core.errors import CheckpointError, ConfigError
 from landscape.core.results import Result, save_result
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 NO_PROVENANCE = {"versions": {}, "git_revision": None}  # save_result would otherwise ask git and import torch
 
 
