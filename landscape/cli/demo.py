@@ -18,7 +18,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--model", default="minilm", help="model (default minilm, offline)")
     parser.add_argument("--data-dir", help="data directory (default $LANDSCAPE_DATA_DIR, else the hub)")
     parser.add_argument("--seed", type=int, default=42, help="seed of training and analyses (default 42)")
-    parser.add_argument("--quick", action="store_true", help="a one-minute smoke version (tiny budgets)")
+    parser.add_argument("--quick", action="store_true", help="a smoke version with tiny budgets (minutes)")
     parser.set_defaults(run=run)
 
 
