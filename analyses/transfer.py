@@ -137,7 +137,7 @@ def train_arm(config: TrainConfig, *, progress: bool) -> dict[str, float]:
     metrics = finished_run_metrics(config)
     if metrics is not None:
         return metrics
-    resume = (Path(config.out) / "run.json").is_file()
+    resume = has_run(config.out)
     result: TrainResult = train(config, resume=resume, progress=progress, fisher=EmpiricalFisherMask())
     return result.dev_metrics
 

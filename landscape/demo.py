@@ -1,7 +1,7 @@
 """The end-to-end demo: fine-tune with AdamW, SAM, FSAM and δ-SAM, analyse every run, draw the figures, write a report.
 
 Each stage is one ``landscape`` command run in this process (so the demo does exactly what a user would type),
-and each is skipped when its output is already complete: a finished run has ``final.safetensors``, a finished
+and each is skipped when its output is already complete: a finished run is ``rundir.is_complete``, a finished
 analysis a result whose ``meta.json`` says ``complete``. An interrupted demo started again therefore resumes
 where it stopped; the training and surface stages themselves resume mid-way.
 
@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from landscape.core.errors import ConfigError
-from landscape.core.rundir import has_run, read_run_info
+from landscape.core.rundir import has_run, is_complete, read_run_info
 
 # The optimizers the demo compares: (folder name, `landscape train` options).
 OPTIMIZERS: tuple[tuple[str, tuple[str, ...]], ...] = (
@@ -156,7 +156,7 @@ def plan(out: Path, *, task: str, model: str, data_dir: str | None, budget: Budg
         ]
         if has_run(run):
             argv.append("--resume")
-        stages.append(Stage(f"train {name}", tuple(argv), (run / "final.safetensors").is_file))
+        stages.append(Stage(f"train {name}", tuple(argv), lambda run=run: is_complete(run)))
     common = ["--seed", str(seed)]
     surface_data = ["--samples", str(budget.samples)]
     curvature_data = ["--samples", str(budget.curvature_samples)]

@@ -68,9 +68,13 @@ def find_run_dir(start: str | os.PathLike[str], depth: int = 4) -> Path | None:
 
 
 def read_metrics(path: str | os.PathLike[str], *, strict: bool = True) -> list[dict[str, Any]]:
-    """The records of ``path/metrics.jsonl`` (none when absent). ``strict``: a malformed line is an error;
+    """The records of the run directory ``path``'s ``metrics.jsonl`` (none when absent); see :func:`read_records`."""
+    return read_records(Path(path) / METRICS_FILE, strict=strict)
+
+
+def read_records(metrics_file: Path, *, strict: bool = True) -> list[dict[str, Any]]:
+    """The JSON records of a JSON-lines file (none when absent). ``strict``: a malformed line is an error;
     otherwise it is skipped (a torn last line after a kill)."""
-    metrics_file = Path(path) / METRICS_FILE
     if not metrics_file.is_file():
         return []
     records = []
@@ -98,7 +102,7 @@ class MetricsLog:
         """Keep only records up to ``step`` (and drop a torn last line), rewriting the file atomically."""
         if not self.path.exists():
             return
-        kept = [r for r in read_metrics(self.path.parent, strict=False) if r.get("step", 0) <= step]
+        kept = [r for r in read_records(self.path, strict=False) if r.get("step", 0) <= step]
         write_text(self.path, "".join(json.dumps(record, sort_keys=True) + "\n" for record in kept))
 
     def append(self, record: dict[str, Any]) -> None:

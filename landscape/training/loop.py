@@ -29,7 +29,17 @@ from landscape.core.config import config_dict
 from landscape.core.errors import CheckpointError, ConfigError, LandscapeError
 from landscape.core.params import content_hash, model_parameters
 from landscape.core.provenance import environment_versions, git_revision
-from landscape.core.rundir import RUN_FILES, MetricsLog, has_run, is_complete, read_run_info
+from landscape.core.rundir import (
+    FINAL_WEIGHTS,
+    INIT_WEIGHTS,
+    METRICS_FILE,
+    RUN_FILE,
+    RUN_FILES,
+    MetricsLog,
+    has_run,
+    is_complete,
+    read_run_info,
+)
 from landscape.data.encoding import EncodedSplit, collate, default_cache_dir, encode_split
 from landscape.data.losses import per_example_loss
 from landscape.data.tasks import TaskSpec, get_task, load_split, resolve_data_dir, subsample_indices
@@ -271,9 +281,9 @@ def init_weights_file(source: str | Path) -> Path:
     """The ``.safetensors`` file that ``--init-from`` designates: the file itself, or a run's final weights."""
     path = Path(source)
     if path.is_dir():
-        final = path / "final.safetensors"
+        final = path / FINAL_WEIGHTS
         if not final.is_file():
-            hint = " (the run has not finished)" if (path / "run.json").is_file() else ""
+            hint = " (the run has not finished)" if has_run(path) else ""
             raise CheckpointError(f"--init-from {path} holds no final.safetensors{hint}; expected a finished run")
         return final
     if not path.exists():
@@ -444,7 +454,7 @@ def train(
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, linear_schedule(warmup_steps, total_steps))
 
     run_dir.mkdir(parents=True, exist_ok=True)
-    log = MetricsLog(run_dir / "metrics.jsonl")
+    log = MetricsLog(run_dir / METRICS_FILE)
     checkpoints_dir = run_dir / "checkpoints"
     start_step, resumed_from, train_seconds = 0, None, 0.0
     run_info: dict[str, Any] = {
@@ -478,15 +488,15 @@ def train(
             start_step = resumed_from = meta["step"]
             train_seconds = meta.get("train_seconds", 0.0)
         else:  # killed before the first checkpoint: start over from θ0, which init.safetensors holds
-            load_weights_into(model, run_dir / "init.safetensors")
+            load_weights_into(model, run_dir / INIT_WEIGHTS)
         log.truncate_after(start_step)
     else:
         run_info["started"] = started
         if init_record is not None:
             run_info["init_from"] = init_record
-        save_weights(run_dir / "init.safetensors", model, {"landscape": "init", "task": data.task.name})
+        save_weights(run_dir / INIT_WEIGHTS, model, {"landscape": "init", "task": data.task.name})
         log.truncate_after(0)
-    write_json(run_dir / "run.json", run_info)
+    write_json(run_dir / RUN_FILE, run_info)
 
     # Dropout draws from the global RNG; seeding it here (a resumed run restores it instead) fixes every mask.
     if resumed_from is None:
@@ -538,7 +548,7 @@ def train(
             raise TrainingInterrupted(f"stopped after step {done} of {total_steps}")
     bar.close()
 
-    save_weights(run_dir / "final.safetensors", model, {"landscape": "final", "task": data.task.name})
+    save_weights(run_dir / FINAL_WEIGHTS, model, {"landscape": "final", "task": data.task.name})
     tick = time.perf_counter()
     dev_metrics = evaluate(
         model, data.dev, data.task, batch_size=config.eval_batch_size, pad_token_id=data.pad_token_id
@@ -556,7 +566,7 @@ def train(
         },
         resumed_from=resumed_from,
     )
-    write_json(run_dir / "run.json", run_info)
+    write_json(run_dir / RUN_FILE, run_info)
     # The resumable state only serves an unfinished run; a completed one keeps θ0, θ1 and its metrics.
     shutil.rmtree(checkpoints_dir, ignore_errors=True)
     return TrainResult(run_dir, dev_metrics, total_steps, resumed_from)
