@@ -40,10 +40,11 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.func import functional_call, grad, vmap
+from torch.func import grad, vmap
 
 from landscape.core.errors import ConfigError
 from landscape.data.losses import model_inputs
+from landscape.models.evaluation import batch_logits, example_loss_function
 from landscape.models.state import eval_mode
 
 FISHER_MODES = ("per-example", "batch-mean")
@@ -101,7 +102,8 @@ def empirical_fisher(
         # SDPA on CPU has no vmap batching rule: torch loops over it and says so at every call; the values are right.
         warnings.filterwarnings("ignore", message="There is a performance drop", category=UserWarning)
         detached = {name: param.detach() for name, param in selected.items()}
-        per_example_grads = vmap(grad(_example_nll_function(model, dtype)), in_dims=(None, 0))
+        example_nll = example_loss_function(model, dtype, _negative_log_likelihood)
+        per_example_grads = vmap(grad(example_nll), in_dims=(None, 0))
         for index, batch in enumerate(batches):
             batch = _checked_batch(batch, index, device)
             size = batch["labels"].shape[0]
@@ -135,7 +137,7 @@ def empirical_fisher_loop(
             batch = _checked_batch(batch, index, device)
             for row in range(batch["labels"].shape[0]):
                 single = {key: value[row : row + 1] for key, value in batch.items()}
-                nll = _negative_log_likelihood(model(**model_inputs(single)).logits, single["labels"])[0]
+                nll = _negative_log_likelihood(batch_logits(model, single), single["labels"])[0]
                 _add_squared_gradient(sums, nll, selected)
                 count += 1
     return _result(sums, count, "per-example")
@@ -152,7 +154,7 @@ def _batch_mean_fisher(
     with eval_mode(model), torch.enable_grad():
         for index, batch in enumerate(batches):
             batch = _checked_batch(batch, index, device)
-            mean_nll = _negative_log_likelihood(model(**model_inputs(batch)).logits, batch["labels"]).mean()
+            mean_nll = _negative_log_likelihood(batch_logits(model, batch), batch["labels"]).mean()
             _add_squared_gradient(sums, mean_nll, selected)
             count += batch["labels"].shape[0]
             num_batches += 1
@@ -182,32 +184,6 @@ def _negative_log_likelihood(logits: torch.Tensor, labels: torch.Tensor) -> torc
     if logits.shape[-1] == 1 and labels.is_floating_point():
         return 0.5 * (logits.squeeze(-1) - labels.to(logits.dtype)).square()
     return F.cross_entropy(logits, labels, reduction="none")
-
-
-def _example_nll_function(model: nn.Module, dtype: torch.dtype) -> Callable[..., torch.Tensor]:
-    """f(parameters, example) -> scalar −log p(y | x) of one example (no batch dimension), for ``vmap(grad(f))``."""
-
-    def example_nll(parameters: dict[str, torch.Tensor], example: dict[str, torch.Tensor]) -> torch.Tensor:
-        # The model expects a batch: give the example a leading dimension of 1.
-        batch = {key: value.unsqueeze(0) for key, value in example.items()}
-        inputs = model_inputs(batch)
-        if "attention_mask" in inputs:
-            inputs["attention_mask"] = additive_attention_mask(inputs["attention_mask"], dtype)
-        # Parameters not in ``parameters`` (unselected or frozen) are the module's own and act as constants.
-        logits = functional_call(model, parameters, args=(), kwargs=inputs, strict=False).logits
-        return _negative_log_likelihood(logits, batch["labels"])[0]
-
-    return example_nll
-
-
-def additive_attention_mask(attention_mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """[B, T] 1/0 padding mask -> [B, 1, 1, T] additive mask: 0 where attended, the dtype's minimum at padding.
-
-    The same mask transformers builds for eager attention; prepared here because building it inside the model checks
-    ``mask.all()``, data-dependent control flow that ``vmap`` cannot trace. Softmax of the minimum is exactly 0.
-    """
-    keep = attention_mask.to(dtype)
-    return ((1.0 - keep) * torch.finfo(dtype).min)[:, None, None, :]
 
 
 def _check_mode(mode: str) -> None:

@@ -39,12 +39,13 @@ from typing import Any
 import numpy as np
 import torch
 from torch import nn
-from torch.func import functional_call, grad, jvp
+from torch.func import grad, jvp
 
 from analyses.spectral import TraceEstimate
 from landscape.core.errors import ConfigError
 from landscape.core.params import model_parameters
 from landscape.data.losses import model_inputs, per_example_loss_from_logits
+from landscape.models.evaluation import batch_losses
 from landscape.models.state import eval_mode, restored
 
 HVP_METHODS = ("auto", "double-backward", "forward-over-reverse")
@@ -160,8 +161,7 @@ class HessianOperator:
 
     def _batch_loss(self, values: dict[str, torch.Tensor], batch: Batch) -> torch.Tensor:
         """(1/N) Σ_{i∈batch} ℓᵢ with the selected parameters set to ``values``: this batch's share of L."""
-        logits = functional_call(self.model, values, args=(), kwargs=model_inputs(batch), strict=False).logits
-        return per_example_loss_from_logits(logits, batch["labels"]).sum() / self.num_examples
+        return batch_losses(self.model, batch, values).sum() / self.num_examples
 
     def _versions(self) -> list[int]:
         return [p._version for p in self._parameters.values()]

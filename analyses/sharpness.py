@@ -36,12 +36,12 @@ from typing import Any
 import numpy as np
 import torch
 from torch import nn
-from torch.func import functional_call, grad_and_value, vmap
+from torch.func import grad_and_value, vmap
 
 from landscape.core.errors import ConfigError
 from landscape.core.params import Params, combine, content_hash, model_parameters, norm
 from landscape.core.results import Result, resume_or_start, save_result
-from landscape.data.losses import model_inputs, per_example_loss_from_logits
+from landscape.models.evaluation import batch_losses, example_loss_function, outputs_over
 from landscape.models.runs import EvalSubset, evaluate_subset, load_run_model, open_run, select_subset
 from landscape.models.state import eval_mode
 
@@ -90,15 +90,9 @@ class SubsetLoss:
         for batch in self.subset.batches:
             yield {key: value.to(self.device) for key, value in batch.items()}
 
-    def _losses(self, params: Mapping[str, torch.Tensor], batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        logits = functional_call(self.model, dict(params), args=(), kwargs=model_inputs(batch), strict=False).logits
-        return per_example_loss_from_logits(logits, batch["labels"])
-
     def per_example_losses(self, params: Mapping[str, torch.Tensor] | None = None) -> torch.Tensor:
         """``l_i(params)`` for every example of the subset, in its order, float64 [N]."""
-        params = self.theta if params is None else params
-        with eval_mode(self.model), torch.no_grad():
-            return torch.cat([self._losses(params, batch).double().cpu() for batch in self._batches()])
+        return outputs_over(self.model, self._batches(), self.theta if params is None else params)[1]
 
     def loss(self, params: Mapping[str, torch.Tensor] | None = None) -> float:
         """``L(params)``, the mean of :meth:`per_example_losses`."""
@@ -112,7 +106,7 @@ class SubsetLoss:
         gradient = {name: torch.zeros(t.shape, dtype=torch.float64, device=t.device) for name, t in leaves.items()}
         with eval_mode(self.model), torch.enable_grad():
             for batch in self._batches():
-                losses = self._losses(leaves, batch)
+                losses = batch_losses(self.model, batch, leaves)
                 total += float(losses.detach().double().sum())
                 # Each batch's sum divided by N: every example weighs 1/N, whatever the batch sizes
                 # (docs/pitfalls.md §10).
@@ -305,8 +299,6 @@ def instance_sharpness(
     zero gradient has s_i = 0. Vectorised with ``torch.func`` over ``chunk_size`` examples: memory grows with
     ``2 × chunk_size × number of parameters``. Each example is its batch's row as collated (with its padding).
     """
-    from analyses.fisher import additive_attention_mask
-
     rho = _check_radius(rho, "rho")
     if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
         raise ConfigError(f"chunk_size must be a positive integer, got {chunk_size!r}")
@@ -314,14 +306,7 @@ def instance_sharpness(
     theta = objective.theta
     dtype = next(iter(theta.values())).dtype
 
-    def example_loss(params: dict[str, torch.Tensor], example: dict[str, torch.Tensor]) -> torch.Tensor:
-        batch = {key: value.unsqueeze(0) for key, value in example.items()}
-        inputs = model_inputs(batch)
-        if "attention_mask" in inputs:  # vmap cannot trace transformers' data-dependent mask check (analyses.fisher)
-            inputs["attention_mask"] = additive_attention_mask(inputs["attention_mask"], dtype)
-        logits = functional_call(model, params, args=(), kwargs=inputs, strict=False).logits
-        return per_example_loss_from_logits(logits, batch["labels"])[0]
-
+    example_loss = example_loss_function(model, dtype)
     gradients_and_losses = vmap(grad_and_value(example_loss), in_dims=(None, 0))
     perturbed_losses = vmap(example_loss, in_dims=(0, 0))
     values: list[torch.Tensor] = []

@@ -32,7 +32,8 @@ from landscape.core.rundir import has_run, is_complete, read_run_info
 from landscape.data.tasks import get_task, load_split, resolve_data_dir, task_names
 from landscape.models.runs import open_run
 from landscape.models.weights import read_safetensors
-from landscape.training.loop import TrainConfig, TrainResult, prepare_run_dir, train
+from landscape.training.config import TrainConfig
+from landscape.training.loop import TrainResult, prepare_run_dir, train
 
 MODES = ("finetune", "probe")
 ARMS = ("source", "pretrained")

@@ -74,12 +74,8 @@ from landscape.data.encoding import EncodedSplit, collate, default_cache_dir, en
 from landscape.data.losses import per_example_loss
 from landscape.data.tasks import TaskSpec, get_task, load_split
 from landscape.models.loading import load_model, load_tokenizer
-from landscape.training.loop import (
-    PreparedData,
-    TrainConfig,
-    batch_closure,
-    refresh_fisher_mask,
-)
+from landscape.training.config import TrainConfig
+from landscape.training.loop import PreparedData, batch_closure, refresh_fisher_mask
 from optimizers import ClosureOptimizer, SharpnessAware, make_base_optimizer, make_sharpness_optimizer
 from optimizers.sam import global_norm
 
@@ -234,7 +230,7 @@ def make_contenders(work: Workload, args: argparse.Namespace) -> list[Contender]
         ("sam", "SAM ρ=0.05", "sam", {"rho": args.rho}),
         ("efficient_sam", "efficient SAM a=b/4", "sam", {"rho": args.rho, "ascent_fraction": 0.25}),
         ("fsam", "FSAM s=0.9 (fixed mask)", "fsam", {"rho": args.rho}),
-        ("delta_sam", "δ-SAM β=5", "delta-sam", {"rho": args.rho, "beta": 5.0}),
+        ("delta_sam", "δ-SAM β=5", "delta-sam", {"rho": args.rho, "delta_beta": 5.0}),
         ("esam", "ESAM β=0.6 γ=0.5", "esam", {"rho": args.rho}),
         ("gsam", "GSAM α=0.1", "gsam", {"rho": args.rho}),
         ("asam", "ASAM", "asam", {"rho": args.rho}),

@@ -23,20 +23,13 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import LogLocator
 
 from landscape.core.atomic import write_with
+from optimizers.variants import VARIANTS
 
 COLUMN_WIDTH_IN = 3.3  # one column of a two-column paper
 PANEL_HEIGHT_IN = 2.3
 
-# SAM variant → colour (Okabe–Ito). "none" is the plain base optimizer.
-VARIANT_COLOURS = {
-    "none": "#000000",
-    "sam": "#0072B2",
-    "fsam": "#D55E00",
-    "delta-sam": "#009E73",
-    "asam": "#E69F00",
-    "esam": "#56B4E9",
-    "gsam": "#CC79A7",
-}
+# SAM variant → colour (Okabe–Ito), from the optimizer registry. "none" is the plain base optimizer.
+VARIANT_COLOURS = {name: variant.colour for name, variant in VARIANTS.items()}
 # Labels outside the table get one of these, chosen from the label's characters so that it never changes.
 SPARE_COLOURS = ("#882255", "#44AA99", "#999933", "#AA4499", "#332288", "#117733", "#88CCEE", "#DDCC77")
 # Base optimizer → line style.

@@ -3,25 +3,37 @@
 - :func:`make_base_optimizer` builds AdamW, Adam, AMSGrad, Adagrad or SGD with decay / no-decay groups;
 - :class:`ClosureOptimizer` wraps any base optimizer instance: ``step(closure)`` evaluates the per-example
   losses of the current batch, back-propagates their mean, clips, and steps the base optimizer;
-- :class:`SharpnessAware` is the SAM family on the same contract; :func:`make_sharpness_optimizer` builds a
-  variant by name (:data:`SAM_VARIANTS`).
+- :class:`SharpnessAware` is the sharpness-aware core on the same contract, running a variant's pieces
+  (:mod:`optimizers.pieces`); :func:`make_sharpness_optimizer` builds an entry of the registry
+  (:data:`VARIANTS`, :mod:`optimizers.variants`) by name.
+
+The names resolve on first use, so that ``optimizers.variants`` (the registry) imports without torch.
 """
 
-from optimizers.base import BASE_OPTIMIZERS, make_base_optimizer, parameter_groups
-from optimizers.closure import BatchClosure, ClosureOptimizer, NonFiniteLossError
-from optimizers.family import SAM_VARIANTS, make_sharpness_optimizer
-from optimizers.sam import SharpnessAware, StepReport, delta_sam_weights
+from __future__ import annotations
 
-__all__ = [
-    "BASE_OPTIMIZERS",
-    "SAM_VARIANTS",
-    "BatchClosure",
-    "ClosureOptimizer",
-    "NonFiniteLossError",
-    "SharpnessAware",
-    "StepReport",
-    "delta_sam_weights",
-    "make_base_optimizer",
-    "make_sharpness_optimizer",
-    "parameter_groups",
-]
+import importlib
+from typing import Any
+
+_EXPORTS = {
+    "BASE_OPTIMIZERS": "optimizers.base",
+    "make_base_optimizer": "optimizers.base",
+    "parameter_groups": "optimizers.base",
+    "BatchClosure": "optimizers.closure",
+    "ClosureOptimizer": "optimizers.closure",
+    "NonFiniteLossError": "optimizers.closure",
+    "delta_sam_weights": "optimizers.pieces",
+    "SharpnessAware": "optimizers.sam",
+    "StepReport": "optimizers.sam",
+    "make_sharpness_optimizer": "optimizers.sam",
+    "SAM_VARIANTS": "optimizers.variants",
+    "VARIANTS": "optimizers.variants",
+    "get_variant": "optimizers.variants",
+}
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'optimizers' has no attribute {name!r}")
+    return getattr(importlib.import_module(_EXPORTS[name]), name)

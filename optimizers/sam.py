@@ -1,18 +1,20 @@
-"""The sharpness-aware family behind one optimizer: SAM, ASAM, efficient SAM, ESAM, GSAM, FSAM and δ-SAM.
+"""The sharpness-aware core: one optimizer that runs a variant's pieces (:mod:`optimizers.pieces`).
 
 One step, for a batch B whose per-example losses the closure returns (``closure(indices=None) -> Tensor[B']``):
 
-1. ascent: per-example losses l_i(w) on the ascent examples (all of B, a micro-batch of a ≤ b examples, or each
-   of m disjoint micro-batches for m-sharpness), weighted uniformly or by δ-SAM's g'_i, back-propagated: g;
-2. perturbation: ε = ρ · s(g) / ‖n(g)‖₂ with one global norm over every parameter group, where the pieces are
-   SAM s = g, n = g (Foret et al. 2021); ASAM s = T²g, n = Tg with T = |w| + η (Kwon et al. 2021); a Fisher mask m
-   multiplies s (FSAM Eq. 6, n unmasked so ‖ε‖ ≤ ρ; ``exact_rho`` masks n too so ‖ε‖ = ρ); ESAM's stochastic weight
-   perturbation multiplies s by a Bernoulli(β) mask / β (Du et al. 2022). A zero gradient gives ε = 0;
-3. descent: w is saved, w + ε is set, the closure's losses at w + ε give the gradient (on all of B, or on ESAM's
-   γ·|B| examples whose loss rose most), then w is restored by copying the saved tensors (never by subtracting ε);
-   GSAM (Zhuang et al. 2022) replaces it by g_adv − α g_⊥ with g_⊥ the part of g orthogonal to g_adv, and its ρ
-   follows the learning-rate schedule;
+1. ascent: per-example losses l_i(w) on the ascent examples (all of B, a micro-batch of a ≤ b examples for
+   efficient SAM, Bahri et al. 2022, or each of m disjoint micro-batches for m-sharpness), weighted uniformly or by
+   an instance-weighting piece (δ-SAM), back-propagated: g;
+2. perturbation: ε = ρ · s(g) / ‖n(g)‖₂ with one global norm over every parameter group, s = n = g transformed by
+   the variant's ascent pieces in order (SAM, Foret et al. 2021, has none but the Fisher mask, which does nothing
+   until a mask is installed). A zero gradient gives ε = 0;
+3. descent: w is saved, w + ε is set, the closure's losses at w + ε give the gradient (on the examples a descent
+   piece selects), then w is restored by copying the saved tensors (never by subtracting ε); descent pieces may
+   combine that gradient with g (GSAM) or skip the perturbed pass and reuse a stored direction (LookSAM);
 4. the base optimizer steps on that gradient (after optional clipping), so its decoupled weight decay never enters ε.
+
+Hyperparameters (``rho`` and the pieces' own) are entries of each ``param_groups`` dict: a scheduler can drive them,
+``state_dict`` saves them, and a checkpoint written before they moved there gets the construction values on load.
 
 Dropout: the two passes draw independent dropout masks unless ``same_dropout=True``, which replays the RNG state of
 the ascent forward for the descent forward (identical masks when both passes see the same examples).
@@ -21,7 +23,7 @@ the ascent forward for the descent forward (identical masks when both passes see
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
@@ -29,6 +31,8 @@ from typing import Any
 import torch
 
 from optimizers.closure import ClosureOptimizer
+from optimizers.pieces import Ascent, FisherMask, Piece, global_norm
+from optimizers.variants import CORE_SETTINGS, VARIANTS, get_variant
 
 
 @dataclass
@@ -39,6 +43,7 @@ class StepReport:
     perturbation_norm: float = 0.0
     ascent_examples: int = 0
     descent_examples: int = 0
+    perturbed: bool = True
     instance_weights: torch.Tensor | None = None
     selected: torch.Tensor | None = None
     extra: dict[str, float] = field(default_factory=dict)
@@ -50,137 +55,226 @@ class SharpnessAware(ClosureOptimizer):
     Args:
         base: the base optimizer (AdamW, Adam, AMSGrad, Adagrad, SGD, ...); its ``param_groups`` and ``state`` are
             shared, so LR schedulers and ``state_dict`` work through this wrapper.
-        rho: neighbourhood radius ρ (L2). GSAM: the peak ρ, reached at the peak learning rate.
-        adaptive: ASAM's scaling with T = |w| + ``eta``.
+        pieces: the variant's pieces, in order (``optimizers.variants`` lists each variant's); default: SAM's.
+        rho: neighbourhood radius ρ (L2), the default of every group's ``"rho"``. GSAM: the peak ρ.
         ascent_fraction: efficient SAM (Bahri et al. 2022, Alg. 1): the ascent gradient from the first
             ``ceil(fraction · b)`` examples of the batch (the batch order is already random); descent on all of it.
         m_sharpness: m disjoint ascent micro-batches, each with its own ε and descent on itself; the descent
             gradients are averaged weighted by micro-batch size (= the plain average for equal sizes).
-        exact_rho: with a Fisher mask, normalise the masked gradient so ‖ε‖ = ρ (instead of Eq. 6's ≤ ρ).
-        swp_keep: ESAM stochastic weight perturbation: keep each coordinate with this probability β.
-        sds_fraction: ESAM sharpness-sensitive data selection: descend on this fraction γ of the batch, the
-            examples with the largest l_i(w + ε) − l_i(w).
-        delta_beta: δ-SAM's β (Eqs. 3–6): instance weights of the ascent from the guardedness of each example.
-        gsam_alpha: GSAM's α; also makes ρ follow the learning rate: ρ_t = rho_min + (ρ − rho_min) · lr_t / lr_peak.
         same_dropout: replay the ascent's RNG state for the descent forward (identical dropout masks).
         seed: seed of the optimizer's own generator (δ-SAM's random direction, ESAM's Bernoulli masks); its state
             is part of ``state_dict`` so a resumed run draws the same numbers.
+        named_parameters: the model's ``named_parameters()``, so that masks are keyed by name (else set_mask
+            learns the names).
+        hyperparameters: values of the pieces' hyperparameters (``eta``, ``esam_beta``, ...); a name no piece
+            declares is refused.
     """
 
     def __init__(
         self,
         base: torch.optim.Optimizer,
+        pieces: Sequence[Piece] | None = None,
         *,
         rho: float = 0.05,
-        adaptive: bool = False,
-        eta: float = 0.01,
         ascent_fraction: float = 1.0,
         m_sharpness: int = 1,
-        exact_rho: bool = False,
-        swp_keep: float | None = None,
-        sds_fraction: float | None = None,
-        delta_beta: float | None = None,
-        gsam_alpha: float | None = None,
-        rho_min: float = 0.0,
         same_dropout: bool = False,
         seed: int = 0,
         max_grad_norm: float | None = None,
+        named_parameters: Iterable[tuple[str, torch.Tensor]] | None = None,
+        **hyperparameters: float,
     ) -> None:
-        _check(rho >= 0 and math.isfinite(rho), f"rho must be a finite number >= 0, got {rho}")
-        _check(eta >= 0, f"eta must be >= 0, got {eta}")
         _check(0 < ascent_fraction <= 1, f"ascent_fraction must be in (0, 1], got {ascent_fraction}")
         _check(isinstance(m_sharpness, int) and m_sharpness >= 1, f"m_sharpness must be an int >= 1, got {m_sharpness}")
         _check(m_sharpness == 1 or ascent_fraction == 1, "use either ascent_fraction < 1 or m_sharpness > 1, not both")
-        _check(swp_keep is None or 0 < swp_keep <= 1, f"swp_keep (ESAM beta) must be in (0, 1], got {swp_keep}")
-        _check(
-            sds_fraction is None or 0 < sds_fraction <= 1,
-            f"sds_fraction (ESAM gamma) must be in (0, 1], got {sds_fraction}",
-        )
-        _check(
-            sds_fraction is None or (ascent_fraction == 1 and m_sharpness == 1),
-            "ESAM's data selection needs the losses at w of the whole batch: use it with ascent_fraction = 1 and m = 1",
-        )
-        _check(delta_beta is None or delta_beta >= 0, f"delta-SAM beta must be >= 0, got {delta_beta}")
-        _check(gsam_alpha is None or gsam_alpha >= 0, f"GSAM alpha must be >= 0, got {gsam_alpha}")
-        _check(0 <= rho_min <= rho, f"rho_min must be in [0, rho], got {rho_min}")
         super().__init__(base, max_grad_norm=max_grad_norm)
-        self.rho = rho
-        self.adaptive = adaptive
-        self.eta = eta
+        self.pieces = list(pieces) if pieces is not None else [FisherMask()]
+        declared = {"rho": rho}
+        for piece in self.pieces:
+            declared.update(piece.hyperparameters)
+        unknown = sorted(set(hyperparameters) - set(declared))
+        if unknown:
+            raise TypeError(
+                f"hyperparameter(s) {', '.join(unknown)} belong to no piece of this variant; "
+                f"it has {', '.join(sorted(declared))}"
+            )
+        self._hyperparameters = {**declared, "rho": rho, **hyperparameters}
+        self._install_hyperparameters()
+        for piece in self.pieces:
+            piece.check_core(ascent_fraction=ascent_fraction, m_sharpness=m_sharpness)
         self.ascent_fraction = ascent_fraction
         self.m_sharpness = m_sharpness
-        self.exact_rho = exact_rho
-        self.swp_keep = swp_keep
-        self.sds_fraction = sds_fraction
-        self.delta_beta = delta_beta
-        self.gsam_alpha = gsam_alpha
-        self.rho_min = rho_min
         self.same_dropout = same_dropout
         self.generator = torch.Generator().manual_seed(seed)
-        self.masks: dict[int, torch.Tensor] = {}  # parameter position -> bool mask (FSAM)
+        self.steps_taken = 0
+        self._names: dict[int, str] = {}
+        if named_parameters is not None:
+            self._learn_names(named_parameters)
         self.last = StepReport()
 
-    # --- masks (FSAM) ----------------------------------------------------------------------------------------
+    # --- hyperparameters -----------------------------------------------------------------------------------------
+
+    def _install_hyperparameters(self) -> None:
+        """Give every group (and the defaults, for groups added later) each hyperparameter it lacks; check them."""
+        for group in [*self.param_groups, self.defaults]:
+            for name, value in self._hyperparameters.items():
+                group.setdefault(name, value)
+        for group in self.param_groups:
+            self.check_group(group)
+
+    def check_group(self, group: Mapping[str, Any]) -> None:
+        """Refuse out-of-range hyperparameters in ``group`` with ``ValueError`` naming the value."""
+        rho = group["rho"]
+        _check(isinstance(rho, int | float) and rho >= 0 and math.isfinite(rho), f"rho must be >= 0, got {rho}")
+        for piece in self.pieces:
+            piece.check(group)
+
+    def radius(self, group: Mapping[str, Any]) -> float:
+        """ρ of this step for ``group``: its ``"rho"``, passed through the pieces' schedules (GSAM)."""
+        rho = group["rho"]
+        for piece in self.pieces:
+            rho = piece.rho(rho, group)
+        return rho
+
+    # --- names and masks (FSAM) ------------------------------------------------------------------------------
+
+    def _learn_names(self, named_parameters: Iterable[tuple[str, torch.Tensor]]) -> None:
+        by_id = {id(p): name for name, p in named_parameters}
+        missing = [i for i, p in enumerate(self.parameters()) if id(p) not in by_id]
+        if missing:
+            raise ValueError(f"{len(missing)} parameter(s) of the optimizer are missing from named_parameters")
+        self._names = {id(p): by_id[id(p)] for p in self.parameters()}
+
+    def names(self) -> list[str | None]:
+        """The name of each parameter, in the optimizer's order (None until named_parameters is given)."""
+        return [self._names.get(id(p)) for p in self.parameters()]
+
+    def _mask_piece(self) -> FisherMask:
+        for piece in self.pieces:
+            if isinstance(piece, FisherMask):
+                return piece
+        raise ValueError("this variant has no Fisher mask piece: add optimizers.pieces.FisherMask to its pieces")
 
     def set_mask(self, mask: Mapping[str, torch.Tensor], named_parameters: Iterable[tuple[str, torch.Tensor]]) -> None:
         """Install a coordinate mask keyed by parameter name (True = perturbed); parameters absent are not perturbed.
 
         The mask is computed elsewhere (``analyses.fisher.fisher_mask``); this only stores it, as bool tensors.
         """
-        by_id = {id(p): name for name, p in named_parameters}
-        masks: dict[int, torch.Tensor] = {}
-        for position, param in enumerate(self.parameters()):
-            name = by_id.get(id(param))
-            if name is None:
-                raise ValueError("set_mask: a parameter of the optimizer is missing from named_parameters")
-            if name in mask:
-                value = mask[name]
-                if value.shape != param.shape:
-                    raise ValueError(f"mask of {name} has shape {tuple(value.shape)}, expected {tuple(param.shape)}")
-                masks[position] = value.to(device=param.device, dtype=torch.bool).clone()
-            else:
-                masks[position] = torch.zeros_like(param, dtype=torch.bool)
-        self.masks = masks
+        named = list(named_parameters)
+        self._learn_names(named)
+        ours = {id(p) for p in self.parameters()}
+        self._mask_piece().set(mask, [(name, p) for name, p in named if id(p) in ours])
+
+    @property
+    def masks(self) -> dict[str, torch.Tensor]:
+        """The installed Fisher mask keyed by parameter name (empty when none is installed)."""
+        return next((p.masks for p in self.pieces if isinstance(p, FisherMask)), {})
 
     def mask_by_name(self, named_parameters: Iterable[tuple[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
-        """The installed mask keyed by parameter name (empty when none is installed)."""
-        position = {id(p): i for i, p in enumerate(self.parameters())}
-        return {name: self.masks[position[id(p)]] for name, p in named_parameters if position.get(id(p)) in self.masks}
+        """The installed mask for ``named_parameters``, in their order (empty when none is installed)."""
+        masks = self.masks
+        return {name: masks[name] for name, _ in named_parameters if name in masks}
 
     # --- state ---------------------------------------------------------------------------------------------------
 
     def state_dict(self) -> dict[str, Any]:
         state = self.base.state_dict()
-        state["sharpness"] = {"generator": self.generator.get_state(), "masks": dict(self.masks)}
+        pieces = {f"{i}:{type(p).__name__}": p.state_dict() for i, p in enumerate(self.pieces)}
+        state["sharpness"] = {
+            "generator": self.generator.get_state(),
+            "steps_taken": self.steps_taken,
+            "pieces": {key: value for key, value in pieces.items() if value},
+        }
         return state
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         state_dict = dict(state_dict)
         extra = state_dict.pop("sharpness", None)
         super().load_state_dict(state_dict)
-        if extra is not None:
-            self.generator.set_state(extra["generator"])
-            self.masks = {int(k): v.to(torch.bool) for k, v in extra["masks"].items()}
+        self._install_hyperparameters()  # a checkpoint from before they lived in param_groups lacks them
+        if extra is None:
+            return
+        self.generator.set_state(extra["generator"])
+        self.steps_taken = int(extra.get("steps_taken", 0))
+        saved = extra.get("pieces", {})
+        for i, piece in enumerate(self.pieces):
+            piece.load_state_dict(saved.get(f"{i}:{type(piece).__name__}", {}))
+        if "masks" in extra:  # the format of earlier versions: masks keyed by parameter position
+            self._load_positional_masks(extra["masks"])
+
+    def _load_positional_masks(self, masks: Mapping[Any, torch.Tensor]) -> None:
+        if not masks:
+            return
+        names = self.names()
+        if any(name is None for name in names):
+            raise ValueError(
+                "this checkpoint keys its Fisher mask by parameter position: "
+                "build the optimizer with named_parameters= to load it"
+            )
+        self._mask_piece().masks = {names[int(k)]: v.to(torch.bool) for k, v in masks.items()}
 
     # --- the step ------------------------------------------------------------------------------------------------
 
-    def current_rho(self) -> float:
-        """ρ of this step: constant, or (GSAM) proportional to the learning rate's progress to its peak."""
-        if self.gsam_alpha is None:
-            return self.rho
-        group = self.param_groups[0]
-        peak = group.get("initial_lr", group["lr"])
-        progress = group["lr"] / peak if peak > 0 else 0.0
-        return self.rho_min + (self.rho - self.rho_min) * progress
+    def perturbation(self, params: list[torch.Tensor], grads: list[torch.Tensor | None]) -> list[torch.Tensor | None]:
+        """ε per parameter (None where zero) from the ascent gradients, with one global norm over all parameters."""
+        groups = [group for group in self.param_groups for _ in group["params"]]
+        ascent = Ascent(
+            params=params,
+            names=self.names(),
+            groups=groups,
+            numerators=[None if g is None else g.clone() for g in grads],
+            norm_terms=list(grads),
+            generator=self.generator,
+        )
+        for piece in self.pieces:
+            piece.ascent(ascent)
+        norm = global_norm([n for n in ascent.norm_terms if n is not None])
+        if norm == 0 or not math.isfinite(norm):
+            return [None] * len(params)
+        epsilon = []
+        for numerator, group in zip(ascent.numerators, groups, strict=True):
+            rho = self.radius(group)
+            epsilon.append(None if numerator is None or rho == 0 else numerator.mul_(rho / norm))
+        return epsilon
+
+    def perturb(self, epsilon: list[torch.Tensor | None]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Add ε to the parameters in place; returns the saved values that :meth:`restore` copies back."""
+        params = self.parameters()
+        saved = [(p, p.detach().clone()) for p, e in zip(params, epsilon, strict=True) if e is not None]
+        for param, eps in zip(params, epsilon, strict=True):
+            if eps is not None:
+                param.add_(eps)
+        return saved
+
+    @staticmethod
+    def restore(saved: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+        """Copy the values :meth:`perturb` saved back (a bitwise restore: w + ε − ε is not w in floating point)."""
+        for param, value in saved:
+            param.copy_(value)
+
+    @contextmanager
+    def perturbed(self, params: list[torch.Tensor], epsilon: list[torch.Tensor | None]):
+        """Parameters at w + ε inside the block, restored bitwise on exit, also on exceptions."""
+        if [id(p) for p in params] != [id(p) for p in self.parameters()]:
+            raise ValueError("perturbed() works on the optimizer's own parameters, in its order")
+        saved = self.perturb(epsilon)
+        try:
+            yield
+        finally:
+            self.restore(saved)
 
     @torch.no_grad()
     def step(self, closure: Callable[..., torch.Tensor] | None = None) -> torch.Tensor:  # type: ignore[override]
         """One sharpness-aware step; returns the per-example losses at w of the ascent examples, detached."""
         if closure is None:
             raise ValueError("step() needs a closure that returns the per-example losses of the current batch")
+        for group in self.param_groups:
+            self.check_group(group)
         params = self.parameters()
-        rho = self.current_rho()
-        report = StepReport(rho=rho)
+        first_group = self.param_groups[0]
+        report = StepReport(rho=self.radius(first_group))
+        perturbs = all(piece.perturbs(self) for piece in self.pieces)
+        report.perturbed = perturbs
         chunks = self._ascent_chunks(closure)
         batch_total = sum(len(c) for c in chunks) if self.m_sharpness > 1 else None
         accumulated: list[torch.Tensor | None] | None = None
@@ -189,18 +283,28 @@ class SharpnessAware(ClosureOptimizer):
             self.zero_grad(set_to_none=True)
             # δ-SAM's probe runs first: perturbing the weights in place after the ascent forward would invalidate
             # that forward's autograd graph. Its losses at w are the ascent's own, so the probe is its only cost.
-            probe = self._random_probe(closure, chunk, rho, params)
+            weighting = [(piece, piece.instance_probe(self, closure, chunk)) for piece in self.pieces]
+            weighting = [(piece, probe) for piece, probe in weighting if probe is not None]
             rng_before = torch.get_rng_state() if self.same_dropout else None
             losses = self.evaluate(lambda chunk=chunk: closure(chunk))
             losses_at_w.append(losses.detach())
             report.ascent_examples += losses.numel()
-            weights = None if probe is None else delta_sam_weights(probe - losses.detach(), self.delta_beta)
+            weights = None
+            for piece, probe in weighting:
+                weights = piece.instance_weights(probe, losses.detach(), first_group)
             report.instance_weights = weights
             with torch.enable_grad():
                 (losses.mean() if weights is None else (weights * losses).sum()).backward()
+            if not perturbs:
+                for piece in self.pieces:
+                    piece.reuse(params, first_group)
+                report.perturbation_norm = 0.0
+                report.descent_examples += losses.numel()
+                accumulated = [p.grad for p in params]
+                continue
             # zero_grad(set_to_none) below drops these tensors from .grad without writing to them: no copy needed.
             ascent_grads = [p.grad for p in params]
-            epsilon = self.perturbation(params, ascent_grads, rho)
+            epsilon = self.perturbation(params, ascent_grads)
             report.perturbation_norm = global_norm([e for e in epsilon if e is not None])
             descent_chunk = chunk if self.m_sharpness > 1 else None
             with self.perturbed(params, epsilon):
@@ -208,18 +312,23 @@ class SharpnessAware(ClosureOptimizer):
                 if rng_before is not None:
                     torch.set_rng_state(rng_before)
                 perturbed = self.evaluate(lambda descent_chunk=descent_chunk: closure(descent_chunk))
-                selected = self._select(perturbed.detach(), losses.detach())
+                selected = None
+                for piece in self.pieces:
+                    selected = piece.select(perturbed.detach(), losses.detach(), first_group)
+                    if selected is not None:
+                        break
                 report.selected = selected
                 report.descent_examples += perturbed.numel() if selected is None else selected.numel()
                 with torch.enable_grad():
                     (perturbed.mean() if selected is None else perturbed[selected].mean()).backward()
-            if self.gsam_alpha is not None:
-                self._gsam_combine(params, ascent_grads)
+            for piece in self.pieces:
+                piece.combine(params, ascent_grads, first_group)
             share = 1.0 if batch_total is None else len(chunk) / batch_total
             accumulated = _accumulate(accumulated, params, share)
         for param, grad in zip(params, accumulated or [], strict=True):
             param.grad = grad
         self.last = report
+        self.steps_taken += 1
         self.descend()
         return torch.cat(losses_at_w)
 
@@ -233,98 +342,6 @@ class SharpnessAware(ClosureOptimizer):
             return [chunk for chunk in torch.arange(size).tensor_split(min(self.m_sharpness, size)) if len(chunk)]
         return [torch.arange(max(1, math.ceil(self.ascent_fraction * size)))]
 
-    def _random_probe(self, closure, chunk, rho, params) -> torch.Tensor | None:
-        """δ-SAM Eq. 3: per-example losses l_j(w + ρ ê/‖ê‖), ê ~ N(0, I), without gradients (None if not δ-SAM)."""
-        if self.delta_beta is None:
-            return None
-        directions = [torch.randn(p.shape, generator=self.generator, dtype=p.dtype).to(p.device) for p in params]
-        norm = global_norm(directions)
-        epsilon = [rho * d / norm for d in directions] if norm > 0 else [None] * len(params)
-        with self.perturbed(params, epsilon):
-            return closure(chunk).detach()
-
-    def perturbation(self, params, grads, rho) -> list[torch.Tensor | None]:
-        """ε per parameter (None where zero), with one global norm over all parameters."""
-        numerators, norm_terms = [], []
-        for position, (param, grad) in enumerate(zip(params, grads, strict=True)):
-            if grad is None:
-                numerators.append(None)
-                continue
-            scale = (param.detach().abs() + self.eta) if self.adaptive else None
-            numerator = grad * scale * scale if scale is not None else grad.clone()
-            norm_term = grad * scale if scale is not None else grad
-            mask = self.masks.get(position)
-            if mask is not None:
-                numerator.mul_(mask)
-                if self.exact_rho:
-                    norm_term = norm_term * mask
-            if self.swp_keep is not None and self.swp_keep < 1:
-                keep = torch.rand(param.shape, generator=self.generator) < self.swp_keep
-                numerator.mul_(keep.to(numerator.device)).div_(self.swp_keep)
-            numerators.append(numerator)
-            norm_terms.append(norm_term)
-        norm = global_norm(norm_terms)
-        if rho == 0 or norm == 0 or not math.isfinite(norm):
-            return [None] * len(params)
-        return [None if n is None else n.mul_(rho / norm) for n in numerators]
-
-    def _select(self, perturbed: torch.Tensor, at_w: torch.Tensor) -> torch.Tensor | None:
-        """ESAM's sharpness-sensitive data selection: indices of the γ·|B| largest loss increases."""
-        if self.sds_fraction is None or self.sds_fraction == 1:
-            return None
-        count = max(1, math.ceil(self.sds_fraction * perturbed.numel()))
-        return torch.topk(perturbed - at_w, count, sorted=False).indices.sort().values
-
-    def _gsam_combine(self, params, ascent_grads) -> None:
-        """GSAM: the final gradient g_adv − α g_⊥ with g = g_∥ + g_⊥ decomposed along g_adv."""
-        adv = [p.grad for p in params]
-        pairs = [(g, a) for g, a in zip(ascent_grads, adv, strict=True) if g is not None and a is not None]
-        dot = sum(float(torch.vdot(g.flatten(), a.flatten())) for g, a in pairs)
-        adv_sq = sum(float(torch.vdot(a.flatten(), a.flatten())) for _, a in pairs)
-        coefficient = dot / adv_sq if adv_sq > 0 else 0.0
-        for g, a in pairs:
-            orthogonal = g - coefficient * a
-            a.sub_(self.gsam_alpha * orthogonal)
-
-    @contextmanager
-    def perturbed(self, params, epsilon):
-        """Add ε to the parameters; on exit copy the saved values back (bitwise restore), also on exceptions."""
-        saved = [(p, p.detach().clone()) for p, e in zip(params, epsilon, strict=True) if e is not None]
-        try:
-            for param, eps in zip(params, epsilon, strict=True):
-                if eps is not None:
-                    param.add_(eps)
-            yield
-        finally:
-            for param, value in saved:
-                param.copy_(value)
-
-
-def delta_sam_weights(guardedness: torch.Tensor, beta: float) -> torch.Tensor:
-    """δ-SAM instance weights g'_i from the loss changes a_i under a random perturbation (Eqs. 4–6), shape [N].
-
-    g_i = |a_i| / Σ|a|; ā = mean(a); a_s = Σ g_i a_i; r = β |ā| / |a_s|; g'_i = (g_i − 1/N) r + 1/N (Σ g' = 1).
-    Degenerate batches (all a_i = 0, or a_s = 0) get uniform weights 1/N: there is nothing to reweight by.
-    """
-    a = guardedness.double()
-    n = a.numel()
-    uniform = torch.full_like(a, 1.0 / n)
-    total = a.abs().sum()
-    if total == 0:
-        return uniform.to(guardedness.dtype)
-    g = a.abs() / total
-    a_mean = a.mean()
-    a_s = (g * a).sum()
-    if a_s == 0:
-        return uniform.to(guardedness.dtype)
-    r = beta * a_mean.abs() / a_s.abs()
-    return ((g - 1.0 / n) * r + 1.0 / n).to(guardedness.dtype)
-
-
-def global_norm(tensors: list[torch.Tensor]) -> float:
-    """L2 norm over a list of tensors: per-tensor norms in their dtype, combined in float64 (no upcast copies)."""
-    return math.sqrt(sum(float(torch.linalg.vector_norm(t)) ** 2 for t in tensors))
-
 
 def _accumulate(accumulated, params, share):
     grads = [None if p.grad is None else p.grad * share if share != 1 else p.grad for p in params]
@@ -336,3 +353,39 @@ def _accumulate(accumulated, params, share):
 def _check(condition: bool, message: str) -> None:
     if not condition:
         raise ValueError(message)
+
+
+def make_sharpness_optimizer(
+    variant: str,
+    base: torch.optim.Optimizer,
+    *,
+    named_parameters: Iterable[tuple[str, torch.Tensor]] | None = None,
+    seed: int = 0,
+    max_grad_norm: float | None = None,
+    **settings: Any,
+) -> ClosureOptimizer:
+    """Wrap ``base`` as the registry's ``variant`` (:data:`optimizers.variants.VARIANTS`).
+
+    ``settings`` are the core's (``rho``, ``ascent_fraction``, ``m_sharpness``, ``exact_rho``, ``same_dropout``)
+    and the pieces' hyperparameters (``eta``, ``esam_beta``, ``esam_gamma``, ``gsam_alpha``, ``rho_min``,
+    ``delta_beta``, ``looksam_k``, ``looksam_alpha``). One the variant does not read (``esam_beta`` for SAM) is
+    ignored, so a caller can hand one full configuration to any variant; a name that is nobody's is refused.
+    """
+    from optimizers import pieces as available
+
+    entry = get_variant(variant)
+    known = set(CORE_SETTINGS) | {name for v in VARIANTS.values() for name in v.settings}
+    unknown = sorted(set(settings) - known)
+    if unknown:
+        raise TypeError(f"unknown sharpness-aware setting(s) {', '.join(unknown)}; expected some of {sorted(known)}")
+    if entry.pieces is None:
+        return ClosureOptimizer(base, max_grad_norm=max_grad_norm)
+    built = []
+    for name in entry.pieces:
+        cls = getattr(available, name)
+        built.append(cls(exact_rho=bool(settings.get("exact_rho", False))) if cls is FisherMask else cls())
+    chosen = {name: settings[name] for name in (*CORE_SETTINGS, *entry.settings) if name in settings}
+    chosen.pop("exact_rho", None)
+    return SharpnessAware(
+        base, built, seed=seed, max_grad_norm=max_grad_norm, named_parameters=named_parameters, **chosen
+    )

@@ -77,7 +77,8 @@ def shared_data_dir() -> Path:
 
 
 def _train_tiny_run(root: Path, model_dir: Path, data_dir: Path, **options) -> Path:
-    from landscape.training.loop import TrainConfig, train
+    from landscape.training.config import TrainConfig
+    from landscape.training.loop import train
 
     config = TrainConfig(
         task="sst2", model=str(model_dir), data_dir=str(data_dir), out=str(root), lr=1e-3, batch_size=8,

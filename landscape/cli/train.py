@@ -8,8 +8,10 @@ import json
 
 from analyses.fisher import FISHER_MODES, EmpiricalFisherMask
 from landscape.core.config import build_config, load_yaml, parse_overrides
-from landscape.training.loop import TrainConfig, train
-from optimizers import BASE_OPTIMIZERS, SAM_VARIANTS
+from landscape.training.config import TrainConfig, refuse_renamed
+from landscape.training.loop import train
+from optimizers.base import BASE_OPTIMIZERS
+from optimizers.variants import SAM_VARIANTS, VARIANTS
 
 HELP = {
     "task": "task name, case-insensitive (cola, sst2, mrpc, stsb, qqp, mnli, qnli, rte, wnli, boolq, cb, wic, ...)",
@@ -34,7 +36,8 @@ HELP = {
     "keep_checkpoints": "how many resumable checkpoints to keep",
     "eval_batch_size": "evaluation batch size",
     "dropout": "override the model's hidden and attention dropout",
-    "sam": "sharpness-aware variant wrapping the base optimizer (none: the base optimizer alone)",
+    "sam": "sharpness-aware variant wrapping the base optimizer (none: the base optimizer alone); "
+    + "; ".join(f"{v.name}: {v.title} ({v.paper})" for v in VARIANTS.values() if v.paper),
     "rho": "SAM neighbourhood radius rho (GSAM: its peak)",
     "eta": "ASAM: T = |w| + eta",
     "ascent_fraction": "efficient SAM: ascent gradient from this fraction of the batch",
@@ -46,11 +49,13 @@ HELP = {
     "fisher_samples": "FSAM N_Fisher: training examples per Fisher estimate",
     "fisher_mode": "per-example (FSAM Eq. 9) or batch-mean (square of the mean gradient, as the authors' code)",
     "fisher_mask": "apply the Fisher mask to another variant (F-ESAM, F-GSAM, ...)",
-    "beta": "delta-SAM beta (Eq. 5)",
+    "delta_beta": "delta-SAM beta (Eq. 5)",
     "gsam_alpha": "GSAM alpha",
     "rho_min": "GSAM: rho at learning rate 0",
     "esam_beta": "ESAM: probability of perturbing each coordinate",
     "esam_gamma": "ESAM: fraction of the batch used for the descent",
+    "looksam_k": "LookSAM: one SAM step every k steps, the reused direction in between",
+    "looksam_alpha": "LookSAM: weight alpha of the reused orthogonal direction",
     "init_from": "start from the encoder of this .safetensors file or run directory (its final weights); "
     "the head is this task's fresh, seeded one",
     "freeze_encoder": "linear probe: train the classification head only (the encoder is frozen, in eval mode)",
@@ -95,8 +100,11 @@ def _base_type(annotation: object) -> type:
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
     names = [field.name for field in dataclasses.fields(TrainConfig)]
     from_file = load_yaml(args.config) if args.config else {}
+    overrides = parse_overrides(args.overrides)
+    refuse_renamed(from_file)
+    refuse_renamed(overrides)
     flags = {name: getattr(args, name) for name in names}
-    return build_config(TrainConfig, from_file, flags, parse_overrides(args.overrides))
+    return build_config(TrainConfig, from_file, flags, overrides)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -23,11 +23,10 @@ from landscape.core.errors import CheckpointError, ConfigError
 from landscape.core.params import model_parameters
 from landscape.core.rundir import RUN_FILE, read_run_info
 from landscape.data.encoding import EncodedSplit, collate, default_cache_dir, encode_split
-from landscape.data.losses import model_inputs, per_example_loss_from_logits
 from landscape.data.metrics import compute_metrics
 from landscape.data.tasks import TaskSpec, get_task, load_split, resolve_data_dir, seeded_indices
+from landscape.models.evaluation import outputs_over
 from landscape.models.loading import LoadedModel, check_compatible, load_model
-from landscape.models.state import eval_mode
 from landscape.models.weights import load_weights_into, read_safetensors
 
 SPLITS = ("train", "dev")
@@ -233,14 +232,9 @@ def evaluate_subset(model: nn.Module, subset: EvalSubset) -> Evaluation:
 
     The model's train/eval flags are restored afterwards (docs/pitfalls.md §4, 5); its weights are not touched.
     """
-    losses, predictions = [], []
-    with eval_mode(model), torch.inference_mode():
-        for batch in subset.batches:
-            logits = model(**model_inputs(batch)).logits
-            losses.append(per_example_loss_from_logits(logits, batch["labels"]).double())
-            predictions.append(logits[:, 0] if subset.task.is_regression else logits.argmax(dim=1))
-    per_example = torch.cat(losses).numpy()
-    predicted = torch.cat(predictions).double().numpy() if subset.task.is_regression else torch.cat(predictions).numpy()
+    logits, losses = outputs_over(model, subset.batches)
+    per_example = losses.numpy()
+    predicted = logits[:, 0].numpy() if subset.task.is_regression else logits.argmax(dim=1).numpy()
     metrics = compute_metrics(subset.task, predicted, subset.labels)
     name = subset.task.primary_metric
     # Mean in float64 over the concatenated per-example losses: batch sizes cannot weight examples unequally.

@@ -16,7 +16,7 @@ import shutil
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import MISSING, dataclass, fields, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -26,8 +26,7 @@ from tqdm.auto import tqdm
 
 from landscape.core.atomic import write_json
 from landscape.core.config import config_dict
-from landscape.core.errors import CheckpointError, ConfigError, LandscapeError
-from landscape.core.params import content_hash, model_parameters
+from landscape.core.errors import ConfigError, LandscapeError
 from landscape.core.provenance import environment_versions, git_revision
 from landscape.core.rundir import (
     FINAL_WEIGHTS,
@@ -45,145 +44,11 @@ from landscape.data.losses import per_example_loss
 from landscape.data.tasks import TaskSpec, get_task, load_split, resolve_data_dir, subsample_indices
 from landscape.models.evaluation import evaluate
 from landscape.models.loading import load_model, load_tokenizer
-from landscape.models.weights import load_weights_into, read_safetensors, save_weights
+from landscape.models.weights import load_weights_into, save_weights
 from landscape.training.checkpoints import list_checkpoints, load_training_state, save_training_state
-from optimizers import (
-    BASE_OPTIMIZERS,
-    SAM_VARIANTS,
-    BatchClosure,
-    SharpnessAware,
-    make_base_optimizer,
-    make_sharpness_optimizer,
-)
-
-# Learning rate and epochs of the FSAM paper's Table 10 (BERT rows, batch size 16, 10 % warm-up), used when the
-# user gives neither; other tasks fall back to 2e-5 and 3 epochs.
-PAPER_RECIPES: dict[str, tuple[float, int]] = {
-    "cola": (2e-5, 3),
-    "mrpc": (2e-5, 3),
-    "stsb": (4e-5, 3),
-    "rte": (4e-5, 3),
-    "boolq": (2e-5, 10),
-    "cb": (3e-5, 20),
-    "wic": (2e-5, 10),
-    "wsc": (1e-5, 20),
-}
-DEFAULT_RECIPE = (2e-5, 3)
-
-
-@dataclass(frozen=True)
-class TrainConfig:
-    """Everything that determines a fine-tuning run. ``None`` means "the task's paper default" where noted."""
-
-    task: str
-    model: str = "minilm"
-    data_dir: str | None = None
-    out: str | None = None  # default: runs/<task>-[<sam>-]<optimizer>-seed<seed>
-    optimizer: str = "adamw"
-    lr: float | None = None  # default: FSAM Table 10 for the task
-    batch_size: int = 16
-    epochs: int | None = None  # default: FSAM Table 10 for the task
-    max_steps: int | None = None  # overrides epochs when given
-    warmup_ratio: float = 0.1
-    warmup_steps: int | None = None  # overrides warmup_ratio when given
-    weight_decay: float = 0.01
-    max_grad_norm: float | None = 1.0
-    momentum: float = 0.9  # SGD only
-    max_length: int = 128
-    train_fraction: float = 1.0
-    seed: int = 42
-    eval_every: int = 0  # 0: evaluate at the end only
-    save_every: int = 200
-    keep_checkpoints: int = 1
-    eval_batch_size: int = 64
-    dropout: float | None = None  # None: the model config's dropout
-    # --- the sharpness-aware family (optimizers.family); "none" is the base optimizer alone
-    sam: str = "none"
-    rho: float = 0.05
-    eta: float = 0.01  # ASAM: T = |w| + eta
-    ascent_fraction: float = 1.0  # efficient SAM: ascent on this fraction of the batch
-    m_sharpness: int = 1  # m disjoint ascent micro-batches
-    exact_rho: bool = False  # Fisher mask: normalise after masking (||eps|| = rho) instead of Eq. 6
-    same_dropout: bool = False  # replay the ascent's dropout masks in the descent pass
-    sparsity: float = 0.9  # FSAM s: perturb the top (1 - s) of coordinates by empirical Fisher
-    mask_interval: int = 100  # FSAM F_i: refresh the mask every this many steps
-    fisher_samples: int = 128  # FSAM N_Fisher
-    fisher_mode: str = "per-example"  # "per-example" (paper Eq. 9) or "batch-mean" (authors' code)
-    fisher_mask: bool = False  # apply the Fisher mask to another variant (F-ESAM, F-GSAM, ...); implied by fsam
-    beta: float = 5.0  # delta-SAM beta
-    gsam_alpha: float = 0.1
-    rho_min: float = 0.0  # GSAM: rho at learning rate 0
-    esam_beta: float = 0.6  # ESAM: probability of perturbing a coordinate
-    esam_gamma: float = 0.5  # ESAM: fraction of the batch selected for the descent
-    # --- transfer (analyses.transfer): start from another run's encoder, optionally train the head alone
-    init_from: str | None = None  # .safetensors file or run directory (its final.safetensors) giving the encoder
-    freeze_encoder: bool = False  # linear probe: only the classification head is trained
-
-    def resolved(self) -> TrainConfig:
-        """Fill the task-dependent defaults (lr, epochs, out) and validate every value."""
-        task = get_task(self.task)
-        lr, epochs = PAPER_RECIPES.get(task.name, DEFAULT_RECIPE)
-        config = replace(
-            self,
-            task=task.name,
-            lr=self.lr if self.lr is not None else lr,
-            epochs=self.epochs if self.epochs is not None else epochs,
-        )
-        if config.data_dir:  # absolute, so that analyses started from another folder find the run's data
-            config = replace(config, data_dir=str(Path(config.data_dir).expanduser().resolve()))
-        if config.out is None:
-            variant = "" if config.sam == "none" else f"{config.sam}-"
-            config = replace(config, out=f"runs/{task.name}-{variant}{config.optimizer}-seed{config.seed}")
-        config.validate()
-        return config
-
-    def validate(self) -> None:
-        positive = {
-            "batch_size": self.batch_size,
-            "max_length": self.max_length,
-            "save_every": self.save_every,
-            "keep_checkpoints": self.keep_checkpoints,
-            "eval_batch_size": self.eval_batch_size,
-            "epochs": self.epochs,
-        }
-        for name, value in positive.items():
-            if value is not None and value <= 0:
-                raise ConfigError(f"{name} must be > 0, got {value}")
-        if self.max_steps is not None and self.max_steps <= 0:
-            raise ConfigError(f"max_steps must be > 0, got {self.max_steps}")
-        if self.lr is not None and not self.lr > 0:
-            raise ConfigError(f"lr must be > 0, got {self.lr}")
-        if not 0 <= self.warmup_ratio < 1:
-            raise ConfigError(f"warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
-        if self.warmup_steps is not None and self.warmup_steps < 0:
-            raise ConfigError(f"warmup_steps must be >= 0, got {self.warmup_steps}")
-        if self.weight_decay < 0:
-            raise ConfigError(f"weight_decay must be >= 0, got {self.weight_decay}")
-        if self.max_grad_norm is not None and not self.max_grad_norm > 0:
-            raise ConfigError(f"max_grad_norm must be > 0 (or null for no clipping), got {self.max_grad_norm}")
-        if not 0 < self.train_fraction <= 1:
-            raise ConfigError(f"train_fraction must be in (0, 1], got {self.train_fraction}")
-        if self.eval_every < 0:
-            raise ConfigError(f"eval_every must be >= 0, got {self.eval_every}")
-        if self.optimizer not in BASE_OPTIMIZERS:
-            raise ConfigError(f"optimizer {self.optimizer!r} is unknown; expected one of {', '.join(BASE_OPTIMIZERS)}")
-        if self.dropout is not None and not 0 <= self.dropout < 1:
-            raise ConfigError(f"dropout must be in [0, 1), got {self.dropout}")
-        if self.sam not in SAM_VARIANTS:
-            raise ConfigError(f"sam {self.sam!r} is unknown; expected one of {', '.join(SAM_VARIANTS)}")
-        if not 0 <= self.sparsity < 1:
-            raise ConfigError(f"sparsity must be in [0, 1), got {self.sparsity}")
-        for name in ("mask_interval", "fisher_samples"):
-            if getattr(self, name) <= 0:
-                raise ConfigError(f"{name} must be > 0, got {getattr(self, name)}")
-        if not isinstance(self.fisher_mode, str) or not self.fisher_mode:
-            raise ConfigError(f"fisher_mode must be a non-empty name, got {self.fisher_mode!r}")
-        if self.uses_fisher_mask and self.sam == "none":
-            raise ConfigError("fisher_mask needs a sharpness-aware variant (--sam); it masks the perturbation")
-
-    @property
-    def uses_fisher_mask(self) -> bool:
-        return self.sam == "fsam" or self.fisher_mask
+from landscape.training.config import TrainConfig, comparable
+from landscape.training.init_from import freeze_all_but_head, load_encoder_from
+from optimizers import BatchClosure, SharpnessAware, make_base_optimizer, make_sharpness_optimizer
 
 
 @dataclass(frozen=True)
@@ -257,90 +122,6 @@ def prepare_data(config: TrainConfig) -> PreparedData:
     return PreparedData(task, train, dev, pad_id, len(train_examples))
 
 
-def _comparable(config: dict[str, Any]) -> dict[str, Any]:
-    """The parts of a config that must match for ``--resume`` (paths may be spelled differently).
-
-    Options added to :class:`TrainConfig` after a run was written take their defaults, so older runs still resume.
-    """
-    defaults = {f.name: f.default for f in fields(TrainConfig) if f.default is not MISSING}
-    return {k: v for k, v in {**defaults, **config}.items() if k not in ("out", "data_dir")}
-
-
-def head_parameter_names(model: torch.nn.Module) -> list[str]:
-    """Names of the task head's parameters: those outside the pretrained base model (``model.base_model_prefix``).
-
-    For BERT these are ``classifier.weight`` and ``classifier.bias``; the pooler belongs to the encoder.
-    """
-    prefix = getattr(model, "base_model_prefix", "")
-    if not prefix or not hasattr(model, prefix):
-        raise ConfigError(f"cannot tell the head from the encoder of {type(model).__name__} (no base model prefix)")
-    return [name for name in model_parameters(model) if not name.startswith(prefix + ".")]
-
-
-def init_weights_file(source: str | Path) -> Path:
-    """The ``.safetensors`` file that ``--init-from`` designates: the file itself, or a run's final weights."""
-    path = Path(source)
-    if path.is_dir():
-        final = path / FINAL_WEIGHTS
-        if not final.is_file():
-            hint = " (the run has not finished)" if has_run(path) else ""
-            raise CheckpointError(f"--init-from {path} holds no final.safetensors{hint}; expected a finished run")
-        return final
-    if not path.exists():
-        raise CheckpointError(f"--init-from {path} does not exist; expected a .safetensors file or a run directory")
-    return path
-
-
-def load_encoder_from(model: torch.nn.Module, source: str | Path) -> dict[str, Any]:
-    """Copy the encoder weights of ``source`` into ``model``; the head keeps its fresh, seeded values.
-
-    Every encoder parameter must be in ``source`` with the same shape, and ``source`` may hold no other encoder
-    tensor (else :class:`CheckpointError`: another architecture). Tensors of ``source`` outside the encoder (the
-    source task's head, whatever its shape) are not used. Returns the record that ``run.json`` keeps.
-    """
-    path = init_weights_file(source)
-    found = read_safetensors(path)
-    params = model_parameters(model)
-    head = set(head_parameter_names(model))
-    prefix = model.base_model_prefix + "."
-    encoder = {name: param for name, param in params.items() if name not in head}
-    missing = sorted(name for name in encoder if name not in found)
-    unexpected = sorted(name for name in found if name.startswith(prefix) and name not in encoder)
-    shapes = sorted(
-        f"{name} {tuple(found[name].shape)} vs {tuple(param.shape)}"
-        for name, param in encoder.items()
-        if name in found and found[name].shape != param.shape
-    )
-    if missing or unexpected or shapes:
-        problems = [
-            f"{len(names)} {what} (e.g. {names[0]})"
-            for names, what in ((missing, "missing"), (unexpected, "unexpected"), (shapes, "of other shape"))
-            if names
-        ]
-        raise CheckpointError(
-            f"--init-from {path}: its encoder does not fit the model ({', '.join(problems)}); "
-            "expected weights of the same architecture"
-        )
-    with torch.no_grad():
-        for name, param in encoder.items():
-            param.copy_(found[name])
-    return {
-        "file": str(path),
-        "source_sha256": content_hash(found),
-        "loaded": sorted(encoder),
-        "kept_fresh": sorted(head),
-        "not_used": {name: list(found[name].shape) for name in sorted(set(found) - set(encoder))},
-    }
-
-
-def freeze_all_but_head(model: torch.nn.Module) -> list[str]:
-    """Turn off ``requires_grad`` outside the head (linear probe); return the names still trained."""
-    head = set(head_parameter_names(model))
-    for name, param in model_parameters(model).items():
-        param.requires_grad_(name in head)
-    return sorted(head)
-
-
 def set_train_mode(model: torch.nn.Module, config: TrainConfig) -> None:
     """Training mode; a frozen encoder stays in eval mode (no dropout), so the probe sees fixed features."""
     model.train()
@@ -384,7 +165,7 @@ def prepare_run_dir(run_dir: Path, config: TrainConfig, *, resume: bool, overwri
             f"output directory {run_dir} already holds a run; pass --resume to continue it or --overwrite to replace it"
         )
     previous = read_run_info(run_dir)
-    old, new = _comparable(previous["config"]), _comparable(config_dict(config))
+    old, new = comparable(previous["config"]), comparable(config_dict(config))
     diff = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
     if diff:
         key = diff[0]
@@ -435,19 +216,10 @@ def train(
         optimizer = make_sharpness_optimizer(
             config.sam,
             base,
-            rho=config.rho,
-            eta=config.eta,
-            ascent_fraction=config.ascent_fraction,
-            m_sharpness=config.m_sharpness,
-            exact_rho=config.exact_rho,
-            esam_beta=config.esam_beta,
-            esam_gamma=config.esam_gamma,
-            beta=config.beta,
-            gsam_alpha=config.gsam_alpha,
-            rho_min=config.rho_min,
-            same_dropout=config.same_dropout,
+            named_parameters=model.named_parameters(),
             seed=config.seed,
             max_grad_norm=config.max_grad_norm,
+            **config.sharpness_settings(),
         )
     except ValueError as exc:
         raise ConfigError(str(exc)) from exc

@@ -24,7 +24,9 @@ from landscape.core.results import load_result
 from landscape.data.tasks import get_task
 from landscape.models.loading import load_model
 from landscape.models.runs import open_run
-from landscape.training.loop import TrainConfig, TrainingInterrupted, freeze_all_but_head, set_train_mode, train
+from landscape.training.config import TrainConfig
+from landscape.training.init_from import freeze_all_but_head
+from landscape.training.loop import TrainingInterrupted, set_train_mode, train
 
 WORDS = ["cat", "dog", "sun", "tree", "river", "stone", "bird", "cloud", "house", "road", "lamp", "field"]
 HEAD = ["classifier.bias", "classifier.weight"]

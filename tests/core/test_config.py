@@ -9,7 +9,7 @@ from landscape.cli.main import build_parser
 from landscape.cli.train import config_from_args
 from landscape.core.config import build_config, load_yaml, parse_overrides
 from landscape.core.errors import ConfigError
-from landscape.training.loop import TrainConfig
+from landscape.training.config import TrainConfig
 
 REPO = Path(__file__).resolve().parents[2]
 SHIPPED = sorted((REPO / "configs").glob("*.yaml"))

@@ -3,8 +3,9 @@
 Layers, bottom to top (docs/design.md draws them): ``landscape.core``; ``landscape.data``; ``landscape.models``;
 ``landscape.training`` (the only user of ``optimizers``, besides the CLI); ``landscape.geometry``; ``analyses``;
 ``landscape.cli`` and ``landscape.demo``. ``optimizers`` stands beside them and depends on torch alone;
-``figures`` reads result files and imports nothing of the project but ``landscape.core`` and the (torch-free) task
-registry. Imports inside functions count as much as those at the top of a module: a lazy import is a dependency.
+``figures`` reads result files and imports nothing of the project but ``landscape.core``, the (torch-free) task
+registry and the (torch-free) variant registry ``optimizers.variants``. Imports inside functions count as much as
+those at the top of a module: a lazy import is a dependency.
 """
 
 from __future__ import annotations
@@ -28,9 +29,10 @@ LAYERS = (
 # Who may import what besides the layer order: optimizers only itself; figures only itself and the core.
 ALLOWED_ONLY = {
     "optimizers": ("optimizers",),
-    "figures": ("figures", "landscape.core", "landscape.data.tasks", "landscape"),
+    "figures": ("figures", "landscape.core", "landscape.data.tasks", "landscape", "optimizers.variants"),
 }
-OPTIMIZER_USERS = ("optimizers", "landscape.training", "landscape.cli", "landscape.demo", "analyses")
+# figures may read the (torch-free) variant registry, and nothing else of optimizers (ALLOWED_ONLY above).
+OPTIMIZER_USERS = ("optimizers", "landscape.training", "landscape.cli", "landscape.demo", "analyses", "figures")
 
 
 def module_name(path: Path) -> str:

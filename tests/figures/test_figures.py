@@ -514,6 +514,7 @@ def test_figures_command_writes_the_files_and_prints_them(tmp_path, capsys):
 
 
 def test_figures_package_imports_nothing_from_the_model_side():
+    """Figures colour by the (torch-free) variant registry, optimizers.variants, and import nothing heavier."""
     modules = sorted(p.stem for p in (REPO / "figures").glob("*.py") if p.stem != "__init__")
     code = (
         "import sys, importlib\n"
@@ -521,7 +522,7 @@ def test_figures_package_imports_nothing_from_the_model_side():
         f"for name in {modules!r}: importlib.import_module('figures.' + name)\n"
         "import landscape.cli.figures\n"
         "heavy = [m for m in ('torch', 'transformers', 'landscape.models', 'landscape.training', 'landscape.geometry',"
-        " 'optimizers', 'analyses') if m in sys.modules]\n"
+        " 'optimizers.sam', 'optimizers.pieces', 'analyses') if m in sys.modules]\n"
         "print(len(sys.argv) and ','.join(heavy))\n"
     )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, timeout=120)

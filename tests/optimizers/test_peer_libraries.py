@@ -4,7 +4,7 @@ import pytest
 import torch
 from torch import nn
 
-from optimizers import BatchClosure, SharpnessAware
+from optimizers import BatchClosure, make_sharpness_optimizer
 
 pytorch_optimizer = pytest.importorskip("pytorch_optimizer")
 
@@ -27,7 +27,8 @@ def loss_of(net, x, y):
 def test_sam_and_asam_match_pytorch_optimizer(adaptive):
     ours_net, peer_net = make_net(), make_net()
     # pytorch-optimizer's ASAM scales by |w| (η = 0); ours takes η = 0 here to compare.
-    ours = SharpnessAware(torch.optim.SGD(ours_net.parameters(), lr=0.1), rho=0.2, adaptive=adaptive, eta=0.0)
+    base = torch.optim.SGD(ours_net.parameters(), lr=0.1)
+    ours = make_sharpness_optimizer("asam" if adaptive else "sam", base, rho=0.2, eta=0.0)
     peer = pytorch_optimizer.SAM(
         peer_net.parameters(), torch.optim.SGD, rho=0.2, adaptive=adaptive, lr=0.1, perturb_eps=0.0
     )

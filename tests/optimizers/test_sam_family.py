@@ -1,5 +1,5 @@
-"""The SAM family: one conformance suite over every variant, and one step of each written out by hand from the
-papers' equations (SAM, ASAM, efficient SAM, ESAM, GSAM, FSAM Eq. 6, δ-SAM Eqs. 3–6)."""
+"""The SAM family: one conformance suite over every variant of the registry, and one step of each written out by
+hand from the papers' equations (SAM, ASAM, efficient SAM, ESAM, GSAM, FSAM Eq. 6, δ-SAM Eqs. 3–6, LookSAM Alg. 1)."""
 
 import copy
 import math
@@ -9,21 +9,35 @@ import torch
 from torch import nn
 
 from landscape.training.checkpoints import flatten_state, unflatten_state
-from optimizers import BatchClosure, ClosureOptimizer, SharpnessAware, delta_sam_weights, parameter_groups
+from optimizers import (
+    SAM_VARIANTS,
+    BatchClosure,
+    ClosureOptimizer,
+    SharpnessAware,
+    delta_sam_weights,
+    make_sharpness_optimizer,
+    parameter_groups,
+)
 
 RHO = 0.3
 
+# case -> (registry name, settings); "mask" installs a random Fisher mask.
 VARIANTS = {
-    "sam": {},
-    "asam": {"adaptive": True, "eta": 0.01},
-    "efficient-sam": {"ascent_fraction": 0.25},
-    "m-sharpness": {"m_sharpness": 2},
-    "esam": {"swp_keep": 0.6, "sds_fraction": 0.5},
-    "gsam": {"gsam_alpha": 0.3},
-    "fsam": {"mask": True},
-    "fsam-exact": {"mask": True, "exact_rho": True},
-    "delta-sam": {"delta_beta": 3.0},
+    "sam": ("sam", {}),
+    "asam": ("asam", {"eta": 0.01}),
+    "efficient-sam": ("sam", {"ascent_fraction": 0.25}),
+    "m-sharpness": ("sam", {"m_sharpness": 2}),
+    "esam": ("esam", {"esam_beta": 0.6, "esam_gamma": 0.5}),
+    "gsam": ("gsam", {"gsam_alpha": 0.3}),
+    "fsam": ("fsam", {"mask": True}),
+    "fsam-exact": ("fsam", {"mask": True, "exact_rho": True}),
+    "delta-sam": ("delta-sam", {"delta_beta": 3.0}),
+    "looksam": ("looksam", {"looksam_k": 2, "looksam_alpha": 0.7}),
 }
+
+
+def test_the_suite_covers_every_registered_variant():
+    assert {name for name, _ in VARIANTS.values()} == set(SAM_VARIANTS) - {"none"}
 
 
 @pytest.fixture(autouse=True)
@@ -77,14 +91,23 @@ def random_mask(net, keep=0.5, seed=3):
 
 
 def build(net, variant, *, rho=RHO, lr=0.1, base="sgd"):
-    options = dict(VARIANTS[variant])
+    name, options = VARIANTS[variant]
+    options = dict(options)
     with_mask = options.pop("mask", False)
     groups = parameter_groups(net.named_parameters(), weight_decay=0.01)
     base_opt = torch.optim.SGD(groups, lr=lr) if base == "sgd" else torch.optim.AdamW(groups, lr=lr)
-    opt = SharpnessAware(base_opt, rho=rho, seed=7, **options)
+    opt = make_sharpness_optimizer(name, base_opt, rho=rho, seed=7, named_parameters=net.named_parameters(), **options)
     if with_mask:
         opt.set_mask(random_mask(net), net.named_parameters())
     return opt
+
+
+def hold_rho_at_its_peak(opt):
+    """GSAM's ρ follows the learning rate, which these tests set to 0 to keep w fixed: ρ_min = ρ holds it at ρ.
+    (Hyperparameters are entries of the parameter groups, so a test or a schedule sets them like the lr.)"""
+    for group in opt.param_groups:
+        if "rho_min" in group:
+            group["rho_min"] = group["rho"]
 
 
 def norm(tensors):
@@ -98,8 +121,9 @@ def norm(tensors):
 def test_rho_zero_gives_the_base_trajectory(variant):
     net, ref_net = make_net(), make_net()
     opt = build(net, variant, rho=0.0, base="adamw")
-    if variant == "esam":
-        opt.sds_fraction = 1.0  # data selection is not a perturbation: with it, ρ = 0 is not the base trajectory
+    if variant == "esam":  # data selection is not a perturbation: with it, ρ = 0 is not the base trajectory
+        for group in opt.param_groups:
+            group["esam_gamma"] = 1.0
     ref = ClosureOptimizer(torch.optim.AdamW(parameter_groups(ref_net.named_parameters(), 0.01), lr=0.1))
     for step in range(4):
         x, y = make_batch(step)
@@ -119,7 +143,7 @@ def test_weights_are_restored_bitwise_and_each_parameter_perturbed_once(variant)
     net = make_net()
     before = [p.detach().clone() for p in net.parameters()]
     opt = build(net, variant, lr=0.0)
-    opt.current_rho = lambda: RHO  # GSAM's ρ follows the learning rate, which is 0 here to keep w fixed
+    hold_rho_at_its_peak(opt)
     x, y = make_batch(0)
     closure = RecordingClosure(net, x, y)
     opt.step(closure)
@@ -135,7 +159,7 @@ def test_weights_are_restored_bitwise_and_each_parameter_perturbed_once(variant)
 def expected_epsilon_norm(variant, opt, net, grads):
     """‖ε‖ from each paper's equation, from the ascent gradient g computed by hand."""
     g = grads
-    if variant in ("sam", "gsam", "delta-sam", "efficient-sam", "m-sharpness"):
+    if variant in ("sam", "gsam", "delta-sam", "efficient-sam", "m-sharpness", "looksam"):
         return RHO
     if variant == "asam":  # ε = ρ T²g/‖Tg‖  =>  ‖T⁻¹ε‖ = ρ; returned in the T⁻¹ metric
         return RHO
@@ -151,7 +175,7 @@ def expected_epsilon_norm(variant, opt, net, grads):
 def test_perturbation_norm_follows_each_equation(variant):
     net = make_net()
     opt = build(net, variant, lr=0.0)
-    opt.current_rho = lambda: RHO  # GSAM's ρ follows the learning rate, which is 0 here to keep w fixed
+    hold_rho_at_its_peak(opt)
     x, y = make_batch(1)
     closure = RecordingClosure(net, x, y)
     rows = slice(0, 2) if variant == "efficient-sam" else slice(0, 4) if variant == "m-sharpness" else slice(None)
@@ -219,9 +243,11 @@ def test_every_variant_converges_on_a_quadratic(variant):
     torch.manual_seed(0)
     centres = torch.randn(16, 3)
     model = nn.Linear(3, 1, bias=False)  # its weight is the point w
-    options = dict(VARIANTS[variant])
+    name, options = VARIANTS[variant]
+    options = dict(options)
     with_mask = options.pop("mask", False)
-    opt = SharpnessAware(torch.optim.SGD(model.parameters(), lr=0.2), rho=0.05, seed=1, **options)
+    base = torch.optim.SGD(model.parameters(), lr=0.2)
+    opt = make_sharpness_optimizer(name, base, rho=0.05, seed=1, named_parameters=model.named_parameters(), **options)
     if with_mask:
         opt.set_mask({"weight": torch.tensor([[True, False, True]])}, model.named_parameters())
     for _ in range(300):
@@ -269,10 +295,8 @@ def hand_step(net, x, y, *, ascent_rows=None, transform=None, lr=0.1, descent_we
     ]
 
 
-def run_ours(variant, net, x, y, **extra):
+def run_ours(variant, net, x, y):
     opt = build(net, variant)
-    for key, value in extra.items():
-        setattr(opt, key, value)
     opt.step(RecordingClosure(net, x, y))
     return [p.detach().clone() for p in net.parameters()], opt
 
@@ -441,6 +465,78 @@ def test_same_dropout_replays_the_masks():
         assert torch.equal(seen_masks[0], seen_masks[1]) is expect_equal
 
 
+def test_looksam_steps_by_hand():
+    """LookSAM, Liu et al. 2022, Alg. 1 with k = 2: steps 0 and 2 are SAM steps that store g_v, the part of the SAM
+    gradient g_s orthogonal to g; step 1 takes no perturbed pass and descends on g + α (‖g‖/‖g_v‖) g_v."""
+    alpha = 0.7
+    hand_net = make_net()
+    params = list(hand_net.parameters())
+    g_v = None
+    for step in range(3):
+        x, y = make_batch(10 + step)
+        g = torch.autograd.grad(per_example(hand_net, x, y).mean(), params)
+        if step % 2 == 0:
+            eps = sam_eps(g, params)
+            shifted = [(p.detach() + e).requires_grad_() for p, e in zip(params, eps, strict=True)]
+            out = torch.func.functional_call(
+                hand_net, {n: s for (n, _), s in zip(hand_net.named_parameters(), shifted, strict=True)}, (x,)
+            )
+            g_s = torch.autograd.grad(nn.functional.cross_entropy(out, y), shifted)
+            cos_times = sum(float((a * b).sum()) for a, b in zip(g, g_s, strict=True)) / norm(g) ** 2
+            g_v = [b - cos_times * a for a, b in zip(g, g_s, strict=True)]  # g_s − ‖g_s‖ cos θ g/‖g‖
+            direction = g_s
+        else:
+            direction = [a + alpha * norm(g) / norm(g_v) * v for a, v in zip(g, g_v, strict=True)]
+        with torch.no_grad():
+            for p, d in zip(params, direction, strict=True):
+                p.sub_(0.1 * (d + (0.01 * p if p.ndim > 1 else 0.0)))
+
+    net = make_net()
+    opt = build(net, "looksam")
+    calls = []
+    for step in range(3):
+        closure = RecordingClosure(net, *make_batch(10 + step))
+        opt.step(closure)
+        calls.append(len(closure.seen))
+        assert opt.last.perturbed is (step % 2 == 0)
+    assert calls == [2, 1, 2]  # the reuse step costs one forward-backward, as plain descent
+    for a, b in zip(net.parameters(), hand_net.parameters(), strict=True):
+        torch.testing.assert_close(a.detach(), b.detach(), rtol=1e-10, atol=1e-12)
+
+
+def test_hyperparameters_are_param_group_entries_saved_in_the_state_dict():
+    net = make_net()
+    opt = build(net, "esam")
+    assert all(group["rho"] == RHO and group["esam_beta"] == 0.6 for group in opt.param_groups)
+    opt.param_groups[0]["rho"] = 0.1  # as a schedule would
+    tensors, skeleton = flatten_state(opt.state_dict())
+    twin = build(copy.deepcopy(net), "esam")
+    twin.load_state_dict(unflatten_state(tensors, skeleton))
+    assert twin.param_groups[0]["rho"] == 0.1 and twin.param_groups[1]["rho"] == RHO
+    opt.param_groups[0]["esam_beta"] = 1.5
+    with pytest.raises(ValueError, match="esam_beta"):
+        opt.step(RecordingClosure(net, *make_batch(0)))
+
+
+def test_masks_are_keyed_by_name_and_an_old_positional_checkpoint_still_loads():
+    net = make_net()
+    opt = build(net, "fsam", base="adamw")
+    opt.step(RecordingClosure(net, *make_batch(0)))
+    mask = opt.mask_by_name(net.named_parameters())
+    assert set(mask) == {name for name, _ in net.named_parameters()}
+    state = opt.state_dict()
+    # The format before masks moved to the pieces: {"generator", "masks": {position: tensor}}, positions in the
+    # optimizer's order (decay group first).
+    names = opt.names()
+    state["sharpness"] = {
+        "generator": state["sharpness"]["generator"],
+        "masks": {i: mask[n] for i, n in enumerate(names)},
+    }
+    twin = build(copy.deepcopy(net), "sam", base="adamw")
+    twin.load_state_dict(state)
+    assert all(torch.equal(twin.masks[name], value) for name, value in mask.items())
+
+
 def test_bad_options_are_refused():
     net = make_net()
     base = torch.optim.SGD(net.parameters(), lr=0.1)
@@ -448,8 +544,19 @@ def test_bad_options_are_refused():
         ({"rho": -1.0}, "rho"),
         ({"ascent_fraction": 0.0}, "ascent_fraction"),
         ({"m_sharpness": 0}, "m_sharpness"),
-        ({"swp_keep": 1.5}, "swp_keep"),
-        ({"sds_fraction": 0.5, "ascent_fraction": 0.5}, "data selection"),
     ):
         with pytest.raises(ValueError, match=message):
             SharpnessAware(base, **kwargs)
+    for variant, kwargs, message in (
+        ("esam", {"esam_beta": 1.5}, "esam_beta"),
+        ("esam", {"esam_gamma": 0.5, "ascent_fraction": 0.5}, "data selection"),
+        ("looksam", {"looksam_k": 0}, "looksam_k"),
+        ("looksam", {"m_sharpness": 2}, "LookSAM"),
+        ("gsam", {"rho_min": 1.0}, "rho_min"),
+    ):
+        with pytest.raises(ValueError, match=message):
+            make_sharpness_optimizer(variant, torch.optim.SGD(net.parameters(), lr=0.1), **kwargs)
+    with pytest.raises(TypeError, match="swp_keep"):
+        make_sharpness_optimizer("esam", torch.optim.SGD(net.parameters(), lr=0.1), swp_keep=0.5)
+    with pytest.raises(ValueError, match="looksam"):
+        make_sharpness_optimizer("lookSAM", torch.optim.SGD(net.parameters(), lr=0.1))

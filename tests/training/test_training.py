@@ -12,7 +12,8 @@ from analyses.fisher import EmpiricalFisherMask
 from landscape.core.errors import ConfigError
 from landscape.data.tasks import get_task
 from landscape.models.loading import load_model
-from landscape.training.loop import TrainConfig, TrainingInterrupted, batch_indices, linear_schedule, train
+from landscape.training.config import TrainConfig
+from landscape.training.loop import TrainingInterrupted, batch_indices, linear_schedule, train
 
 
 @pytest.fixture
@@ -141,7 +142,7 @@ def test_train_fraction_subsamples_with_the_seed(config):
     "options",
     [
         {"sam": "fsam", "mask_interval": 3, "fisher_samples": 8, "sparsity": 0.8},
-        {"sam": "delta-sam", "beta": 3.0},
+        {"sam": "delta-sam", "delta_beta": 3.0},
         {"sam": "esam"},
         {"sam": "gsam", "fisher_mask": True, "mask_interval": 5, "fisher_samples": 8},
     ],

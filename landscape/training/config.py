@@ -1,0 +1,181 @@
+"""What determines a fine-tuning run: :class:`TrainConfig`, the papers' recipes, and old configs' names.
+
+A config is stored in ``run.json`` as the dict of its fields; :func:`upgrade_config` reads a dict written by an
+earlier version (renamed options) so that old runs still resume, load and plot.
+"""
+
+from __future__ import annotations
+
+from dataclasses import MISSING, dataclass, fields, replace
+from pathlib import Path
+from typing import Any
+
+from landscape.core.errors import ConfigError
+from landscape.data.tasks import get_task
+from optimizers.base import BASE_OPTIMIZERS
+from optimizers.variants import CORE_SETTINGS, SAM_VARIANTS, get_variant
+
+#: options renamed since runs were first written: old name -> current name
+RENAMED_OPTIONS = {"beta": "delta_beta"}
+
+
+def upgrade_config(config: dict[str, Any]) -> dict[str, Any]:
+    """A stored config dict with renamed options under their current names (a copy; the input is unchanged)."""
+    upgraded = dict(config)
+    for old, new in RENAMED_OPTIONS.items():
+        if old in upgraded and new not in upgraded:
+            upgraded[new] = upgraded.pop(old)
+    return upgraded
+
+
+def refuse_renamed(options: dict[str, Any]) -> None:
+    """A user's option under an old name fails with one line naming the new one."""
+    for old, new in RENAMED_OPTIONS.items():
+        if old in options:
+            raise ConfigError(f"option {old!r} is now called {new!r}; rename it in the config or command line")
+
+
+# Learning rate and epochs of the FSAM paper's Table 10 (BERT rows, batch size 16, 10 % warm-up), used when the
+# user gives neither; other tasks fall back to 2e-5 and 3 epochs.
+PAPER_RECIPES: dict[str, tuple[float, int]] = {
+    "cola": (2e-5, 3),
+    "mrpc": (2e-5, 3),
+    "stsb": (4e-5, 3),
+    "rte": (4e-5, 3),
+    "boolq": (2e-5, 10),
+    "cb": (3e-5, 20),
+    "wic": (2e-5, 10),
+    "wsc": (1e-5, 20),
+}
+DEFAULT_RECIPE = (2e-5, 3)
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Everything that determines a fine-tuning run. ``None`` means "the task's paper default" where noted."""
+
+    task: str
+    model: str = "minilm"
+    data_dir: str | None = None
+    out: str | None = None  # default: runs/<task>-[<sam>-]<optimizer>-seed<seed>
+    optimizer: str = "adamw"
+    lr: float | None = None  # default: FSAM Table 10 for the task
+    batch_size: int = 16
+    epochs: int | None = None  # default: FSAM Table 10 for the task
+    max_steps: int | None = None  # overrides epochs when given
+    warmup_ratio: float = 0.1
+    warmup_steps: int | None = None  # overrides warmup_ratio when given
+    weight_decay: float = 0.01
+    max_grad_norm: float | None = 1.0
+    momentum: float = 0.9  # SGD only
+    max_length: int = 128
+    train_fraction: float = 1.0
+    seed: int = 42
+    eval_every: int = 0  # 0: evaluate at the end only
+    save_every: int = 200
+    keep_checkpoints: int = 1
+    eval_batch_size: int = 64
+    dropout: float | None = None  # None: the model config's dropout
+    # --- the sharpness-aware family (optimizers.variants); "none" is the base optimizer alone
+    sam: str = "none"
+    rho: float = 0.05
+    eta: float = 0.01  # ASAM: T = |w| + eta
+    ascent_fraction: float = 1.0  # efficient SAM: ascent on this fraction of the batch
+    m_sharpness: int = 1  # m disjoint ascent micro-batches
+    exact_rho: bool = False  # Fisher mask: normalise after masking (||eps|| = rho) instead of Eq. 6
+    same_dropout: bool = False  # replay the ascent's dropout masks in the descent pass
+    sparsity: float = 0.9  # FSAM s: perturb the top (1 - s) of coordinates by empirical Fisher
+    mask_interval: int = 100  # FSAM F_i: refresh the mask every this many steps
+    fisher_samples: int = 128  # FSAM N_Fisher
+    fisher_mode: str = "per-example"  # "per-example" (paper Eq. 9) or "batch-mean" (authors' code)
+    fisher_mask: bool = False  # apply the Fisher mask to another variant (F-ESAM, F-GSAM, ...); implied by fsam
+    delta_beta: float = 5.0  # delta-SAM beta (Eq. 5); before 2026-12 named "beta"
+    gsam_alpha: float = 0.1
+    rho_min: float = 0.0  # GSAM: rho at learning rate 0
+    esam_beta: float = 0.6  # ESAM: probability of perturbing a coordinate
+    esam_gamma: float = 0.5  # ESAM: fraction of the batch selected for the descent
+    looksam_k: int = 5  # LookSAM: a SAM step every k steps
+    looksam_alpha: float = 0.7  # LookSAM: weight of the reused orthogonal direction
+    # --- transfer (analyses.transfer): start from another run's encoder, optionally train the head alone
+    init_from: str | None = None  # .safetensors file or run directory (its final.safetensors) giving the encoder
+    freeze_encoder: bool = False  # linear probe: only the classification head is trained
+
+    def resolved(self) -> TrainConfig:
+        """Fill the task-dependent defaults (lr, epochs, out) and validate every value."""
+        task = get_task(self.task)
+        lr, epochs = PAPER_RECIPES.get(task.name, DEFAULT_RECIPE)
+        config = replace(
+            self,
+            task=task.name,
+            lr=self.lr if self.lr is not None else lr,
+            epochs=self.epochs if self.epochs is not None else epochs,
+        )
+        if config.data_dir:  # absolute, so that analyses started from another folder find the run's data
+            config = replace(config, data_dir=str(Path(config.data_dir).expanduser().resolve()))
+        if config.out is None:
+            variant = "" if config.sam == "none" else f"{config.sam}-"
+            config = replace(config, out=f"runs/{task.name}-{variant}{config.optimizer}-seed{config.seed}")
+        config.validate()
+        return config
+
+    def validate(self) -> None:
+        positive = {
+            "batch_size": self.batch_size,
+            "max_length": self.max_length,
+            "save_every": self.save_every,
+            "keep_checkpoints": self.keep_checkpoints,
+            "eval_batch_size": self.eval_batch_size,
+            "epochs": self.epochs,
+        }
+        for name, value in positive.items():
+            if value is not None and value <= 0:
+                raise ConfigError(f"{name} must be > 0, got {value}")
+        if self.max_steps is not None and self.max_steps <= 0:
+            raise ConfigError(f"max_steps must be > 0, got {self.max_steps}")
+        if self.lr is not None and not self.lr > 0:
+            raise ConfigError(f"lr must be > 0, got {self.lr}")
+        if not 0 <= self.warmup_ratio < 1:
+            raise ConfigError(f"warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
+        if self.warmup_steps is not None and self.warmup_steps < 0:
+            raise ConfigError(f"warmup_steps must be >= 0, got {self.warmup_steps}")
+        if self.weight_decay < 0:
+            raise ConfigError(f"weight_decay must be >= 0, got {self.weight_decay}")
+        if self.max_grad_norm is not None and not self.max_grad_norm > 0:
+            raise ConfigError(f"max_grad_norm must be > 0 (or null for no clipping), got {self.max_grad_norm}")
+        if not 0 < self.train_fraction <= 1:
+            raise ConfigError(f"train_fraction must be in (0, 1], got {self.train_fraction}")
+        if self.eval_every < 0:
+            raise ConfigError(f"eval_every must be >= 0, got {self.eval_every}")
+        if self.optimizer not in BASE_OPTIMIZERS:
+            raise ConfigError(f"optimizer {self.optimizer!r} is unknown; expected one of {', '.join(BASE_OPTIMIZERS)}")
+        if self.dropout is not None and not 0 <= self.dropout < 1:
+            raise ConfigError(f"dropout must be in [0, 1), got {self.dropout}")
+        if self.sam not in SAM_VARIANTS:  # the pieces' own ranges are checked when the optimizer is built
+            raise ConfigError(f"sam {self.sam!r} is unknown; expected one of {', '.join(SAM_VARIANTS)}")
+        if not 0 <= self.sparsity < 1:
+            raise ConfigError(f"sparsity must be in [0, 1), got {self.sparsity}")
+        for name in ("mask_interval", "fisher_samples"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"{name} must be > 0, got {getattr(self, name)}")
+        if not isinstance(self.fisher_mode, str) or not self.fisher_mode:
+            raise ConfigError(f"fisher_mode must be a non-empty name, got {self.fisher_mode!r}")
+        if self.uses_fisher_mask and self.sam == "none":
+            raise ConfigError("fisher_mask needs a sharpness-aware variant (--sam); it masks the perturbation")
+
+    @property
+    def uses_fisher_mask(self) -> bool:
+        return get_variant(self.sam).mask or self.fisher_mask
+
+    def sharpness_settings(self) -> dict[str, Any]:
+        """The options of the sharpness-aware core and of this variant's pieces, under their one name."""
+        names = (*CORE_SETTINGS, *get_variant(self.sam).settings)
+        return {name: getattr(self, name) for name in names}
+
+
+def comparable(config: dict[str, Any]) -> dict[str, Any]:
+    """The parts of a config that must match for ``--resume`` (paths may be spelled differently).
+
+    Options added to :class:`TrainConfig` after a run was written take their defaults, so older runs still resume.
+    """
+    defaults = {f.name: f.default for f in fields(TrainConfig) if f.default is not MISSING}
+    return {k: v for k, v in {**defaults, **upgrade_config(config)}.items() if k not in ("out", "data_dir")}

@@ -1,0 +1,338 @@
+"""The pieces a sharpness-aware step is composed of (:class:`optimizers.sam.SharpnessAware` runs them).
+
+A step's ascent builds ε = ρ · s(g) / ‖n(g)‖₂ from the ascent gradient g, with one global norm over every
+parameter: it starts from s = n = g and lets each *ascent piece* transform the pair, in the order the variant lists
+them; the normalisation to radius ρ comes last and is the core's. *Descent-side* pieces act around the descent
+pass (which examples it uses, how its gradient is combined with g, whether it runs at all), and an *instance
+weighting* piece reweights the ascent's per-example losses. Every piece is a :class:`Piece` that overrides only the
+hooks it needs; its hyperparameters live in the optimizer's ``param_groups`` (so a scheduler or a user may change
+them between steps, and ``state_dict`` saves them), with the defaults it declares in ``hyperparameters``.
+
+- ascent pieces: :class:`WeightScaled` (ASAM, Kwon et al. 2021: s ← T²s, n ← Tn, T = abs(w) + η);
+  :class:`FisherMask` (FSAM Eq. 6: s ← m ⊙ s, also n ← m ⊙ n with ``exact_rho``; masks keyed by parameter name);
+  :class:`BernoulliKeep` (ESAM's stochastic weight perturbation, Du et al. 2022: s ← s ⊙ Bernoulli(β) / β);
+- descent pieces: :class:`DataSelection` (ESAM: descend on the γ·b examples whose loss rose most under ε);
+  :class:`SurrogateGap` (GSAM, Zhuang et al. 2022: g_adv − α g_⊥, ρ following the learning rate);
+  :class:`LookAhead` (LookSAM, Liu et al. 2022: a SAM step every k steps, g + α (‖g‖/‖g_v‖) g_v in between);
+- instance weighting: :class:`InstanceReweighting` (δ-SAM Eqs. 3–6: ascent on Σ g'_i l_i, g' from a probe).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+
+
+@dataclass
+class Ascent:
+    """What the ascent pieces transform, one entry per parameter (None where the parameter has no gradient).
+
+    ``numerators`` is s(g) and may be changed in place (it is the step's own copy); ``norm_terms`` is n(g) and
+    must be replaced, not changed in place (it may be the gradient itself). ``groups[i]`` is the parameter group of
+    ``params[i]``, where the pieces read their hyperparameters; ``generator`` is the optimizer's own.
+    """
+
+    params: list[torch.Tensor]
+    names: list[str | None]
+    groups: list[dict[str, Any]]
+    numerators: list[torch.Tensor | None]
+    norm_terms: list[torch.Tensor | None]
+    generator: torch.Generator
+
+
+class Piece:
+    """One composable part of a sharpness-aware step; every hook is a no-op unless a piece overrides it."""
+
+    #: hyperparameter name -> default; installed in every parameter group that lacks it.
+    hyperparameters: ClassVar[dict[str, float]] = {}
+
+    def check(self, group: Mapping[str, Any]) -> None:
+        """Raise ``ValueError`` naming a hyperparameter of ``group`` that is out of range."""
+
+    def check_core(self, *, ascent_fraction: float, m_sharpness: int) -> None:
+        """Raise ``ValueError`` if the piece cannot work with these core options."""
+
+    def rho(self, rho: float, group: Mapping[str, Any]) -> float:
+        """The radius of this step for ``group`` (a schedule); ``rho`` is the group's configured value."""
+        return rho
+
+    def instance_probe(self, optimizer: Any, closure: Callable, chunk: torch.Tensor | None) -> torch.Tensor | None:
+        """Per-example losses of a probe taken before the ascent forward (None: this piece does not weight)."""
+        return None
+
+    def instance_weights(self, probe: torch.Tensor, losses: torch.Tensor, group: Mapping[str, Any]) -> torch.Tensor:
+        """The ascent's per-example weights, shape [B'], from the probe and the losses at w (both detached)."""
+        raise NotImplementedError
+
+    def ascent(self, ascent: Ascent) -> None:
+        """Transform ``ascent.numerators`` / ``ascent.norm_terms`` (see :class:`Ascent`)."""
+
+    def perturbs(self, optimizer: Any) -> bool:
+        """Whether this step takes the perturbed pass (False: :meth:`reuse` makes the gradient instead)."""
+        return True
+
+    def reuse(self, params: list[torch.Tensor], group: Mapping[str, Any]) -> None:
+        """On a step without perturbed pass, turn the ascent gradient in ``p.grad`` into the descent gradient."""
+
+    def select(self, perturbed: torch.Tensor, at_w: torch.Tensor, group: Mapping[str, Any]) -> torch.Tensor | None:
+        """Indices of the examples the descent uses (None: all of them)."""
+        return None
+
+    def combine(self, params: list[torch.Tensor], ascent_grads: list, group: Mapping[str, Any]) -> None:
+        """After the descent backward: change ``p.grad`` (the gradient at w + ε) using the ascent gradient."""
+
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore what :meth:`state_dict` returned."""
+
+
+def _in_range(group: Mapping[str, Any], name: str, low: float, high: float, *, low_open: bool = True) -> None:
+    value = group[name]
+    ok = (low < value if low_open else low <= value) and value <= high and math.isfinite(value)
+    if not ok:
+        bracket = "(" if low_open else "["
+        raise ValueError(f"{name} must be in {bracket}{low}, {high}], got {value}")
+
+
+class WeightScaled(Piece):
+    """ASAM (Kwon et al. 2021): the perturbation region scales with the weights, T = abs(w) + η (η = ``eta``)."""
+
+    hyperparameters: ClassVar[dict[str, float]] = {"eta": 0.01}
+
+    def check(self, group):
+        if not group["eta"] >= 0:
+            raise ValueError(f"eta must be >= 0, got {group['eta']}")
+
+    def ascent(self, ascent):
+        for i, (param, numerator) in enumerate(zip(ascent.params, ascent.numerators, strict=True)):
+            if numerator is None:
+                continue
+            scale = param.detach().abs() + ascent.groups[i]["eta"]
+            numerator.mul_(scale).mul_(scale)
+            ascent.norm_terms[i] = ascent.norm_terms[i] * scale
+
+
+class FisherMask(Piece):
+    """FSAM Eq. 6: ε = ρ (g ⊙ m) / ‖g‖ with a bool mask m per parameter, keyed by parameter name.
+
+    The mask is computed elsewhere (``analyses.fisher``) and installed with :meth:`set`; until then this piece does
+    nothing, and parameters without a mask entry are not perturbed. ``exact_rho`` masks the norm too, so ‖ε‖ = ρ
+    instead of Eq. 6's ‖ε‖ ≤ ρ.
+    """
+
+    def __init__(self, *, exact_rho: bool = False) -> None:
+        self.exact_rho = exact_rho
+        self.masks: dict[str, torch.Tensor] = {}
+
+    def set(self, mask: Mapping[str, torch.Tensor], named_parameters: Iterable[tuple[str, torch.Tensor]]) -> None:
+        """Install ``mask`` (True = perturbed); parameters of ``named_parameters`` absent from it get all-False."""
+        masks = {}
+        for name, param in named_parameters:
+            if name in mask:
+                value = mask[name]
+                if value.shape != param.shape:
+                    raise ValueError(f"mask of {name} has shape {tuple(value.shape)}, expected {tuple(param.shape)}")
+                masks[name] = value.to(device=param.device, dtype=torch.bool).clone()
+            else:
+                masks[name] = torch.zeros_like(param, dtype=torch.bool)
+        self.masks = masks
+
+    def ascent(self, ascent):
+        if not self.masks:
+            return
+        for i, (name, numerator) in enumerate(zip(ascent.names, ascent.numerators, strict=True)):
+            mask = self.masks.get(name) if name is not None else None
+            if numerator is None or mask is None:
+                continue
+            numerator.mul_(mask)
+            if self.exact_rho:
+                ascent.norm_terms[i] = ascent.norm_terms[i] * mask
+
+    def state_dict(self):
+        return {"masks": dict(self.masks)}
+
+    def load_state_dict(self, state):
+        self.masks = {str(name): value.to(torch.bool) for name, value in state.get("masks", {}).items()}
+
+
+class BernoulliKeep(Piece):
+    """ESAM's stochastic weight perturbation (Du et al. 2022): keep each coordinate of s with probability β
+    (``esam_beta``) and divide by β, so E[ε] is SAM's; the draws come from the optimizer's generator."""
+
+    hyperparameters: ClassVar[dict[str, float]] = {"esam_beta": 0.6}
+
+    def check(self, group):
+        _in_range(group, "esam_beta", 0.0, 1.0)
+
+    def ascent(self, ascent):
+        for param, numerator, group in zip(ascent.params, ascent.numerators, ascent.groups, strict=True):
+            keep_probability = group["esam_beta"]
+            if numerator is None or keep_probability >= 1:
+                continue
+            keep = torch.rand(param.shape, generator=ascent.generator) < keep_probability
+            numerator.mul_(keep.to(numerator.device)).div_(keep_probability)
+
+
+class DataSelection(Piece):
+    """ESAM's sharpness-sensitive data selection: the descent uses the ceil(γ·b) examples (γ = ``esam_gamma``)
+    with the largest l_i(w + ε) − l_i(w)."""
+
+    hyperparameters: ClassVar[dict[str, float]] = {"esam_gamma": 0.5}
+
+    def check(self, group):
+        _in_range(group, "esam_gamma", 0.0, 1.0)
+
+    def check_core(self, *, ascent_fraction, m_sharpness):
+        if ascent_fraction != 1 or m_sharpness != 1:
+            raise ValueError(
+                "ESAM's data selection needs the losses at w of the whole batch: "
+                "use it with ascent_fraction = 1 and m = 1"
+            )
+
+    def select(self, perturbed, at_w, group):
+        fraction = group["esam_gamma"]
+        if fraction == 1:
+            return None
+        count = max(1, math.ceil(fraction * perturbed.numel()))
+        return torch.topk(perturbed - at_w, count, sorted=False).indices.sort().values
+
+
+class SurrogateGap(Piece):
+    """GSAM (Zhuang et al. 2022): descend on g_adv − α g_⊥, where g = g_∥ + g_⊥ is the ascent gradient decomposed
+    along g_adv (α = ``gsam_alpha``); ρ follows the learning rate: ρ_t = ρ_min + (ρ − ρ_min) · lr_t / lr_peak."""
+
+    hyperparameters: ClassVar[dict[str, float]] = {"gsam_alpha": 0.1, "rho_min": 0.0}
+
+    def check(self, group):
+        if not group["gsam_alpha"] >= 0:
+            raise ValueError(f"gsam_alpha must be >= 0, got {group['gsam_alpha']}")
+        if not 0 <= group["rho_min"] <= group["rho"]:
+            raise ValueError(f"rho_min must be in [0, rho = {group['rho']}], got {group['rho_min']}")
+
+    def rho(self, rho, group):
+        peak = group.get("initial_lr", group["lr"])
+        progress = group["lr"] / peak if peak > 0 else 0.0
+        return group["rho_min"] + (rho - group["rho_min"]) * progress
+
+    def combine(self, params, ascent_grads, group):
+        adv = [p.grad for p in params]
+        pairs = [(g, a) for g, a in zip(ascent_grads, adv, strict=True) if g is not None and a is not None]
+        dot = sum(float(torch.vdot(g.flatten(), a.flatten())) for g, a in pairs)
+        adv_sq = sum(float(torch.vdot(a.flatten(), a.flatten())) for _, a in pairs)
+        coefficient = dot / adv_sq if adv_sq > 0 else 0.0
+        alpha = group["gsam_alpha"]
+        for g, a in pairs:
+            orthogonal = g - coefficient * a
+            a.sub_(alpha * orthogonal)
+
+
+class LookAhead(Piece):
+    """LookSAM (Liu et al. 2022, Alg. 1): every k-th step (k = ``looksam_k``, counting from the first) is a SAM
+    step that also stores g_v = g_s − (g·g_s / ‖g‖²) g, the part of the SAM gradient g_s orthogonal to the plain
+    gradient g; the k − 1 steps in between take no perturbed pass and descend on g + α (‖g‖ / ‖g_v‖) g_v
+    (α = ``looksam_alpha``). g_v is this piece's state, one tensor per parameter position (like torch's state).
+    """
+
+    hyperparameters: ClassVar[dict[str, float]] = {"looksam_k": 5, "looksam_alpha": 0.7}
+
+    def __init__(self) -> None:
+        self.directions: dict[int, torch.Tensor] = {}  # parameter position -> g_v
+
+    def check(self, group):
+        k = group["looksam_k"]
+        if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+            raise ValueError(f"looksam_k must be an int >= 1, got {k!r}")
+        if not group["looksam_alpha"] >= 0:
+            raise ValueError(f"looksam_alpha must be >= 0, got {group['looksam_alpha']}")
+
+    def check_core(self, *, ascent_fraction, m_sharpness):
+        if ascent_fraction != 1 or m_sharpness != 1:
+            raise ValueError("LookSAM reuses the full-batch gradient: use it with ascent_fraction = 1 and m = 1")
+
+    def perturbs(self, optimizer):
+        return optimizer.steps_taken % optimizer.param_groups[0]["looksam_k"] == 0 or not self.directions
+
+    def combine(self, params, ascent_grads, group):
+        pairs = [(i, p, g) for i, (p, g) in enumerate(zip(params, ascent_grads, strict=True)) if g is not None]
+        pairs = [(i, p, g) for i, p, g in pairs if p.grad is not None]
+        dot = sum(float(torch.vdot(g.flatten(), p.grad.flatten())) for _, p, g in pairs)
+        g_sq = sum(float(torch.vdot(g.flatten(), g.flatten())) for _, _, g in pairs)
+        coefficient = dot / g_sq if g_sq > 0 else 0.0
+        directions = {i: param.grad - coefficient * g for i, param, g in pairs}
+        # When g_s is parallel to g (ρ = 0, a quadratic bowl), g_v is the rounding error of g_s − c·g; rescaled to
+        # α‖g‖ it would add a random direction. Below a few hundred ulps of ‖g_s‖ it is taken to be zero.
+        g_s_norm = global_norm([p.grad for _, p, _ in pairs])
+        dtype = pairs[0][1].grad.dtype if pairs else torch.float32
+        if global_norm(list(directions.values())) <= 256 * torch.finfo(dtype).eps * g_s_norm:
+            directions = {i: torch.zeros_like(g_v) for i, g_v in directions.items()}
+        self.directions = directions
+
+    def reuse(self, params, group):
+        stored = [(p, self.directions[i]) for i, p in enumerate(params) if p.grad is not None and i in self.directions]
+        v_norm = global_norm([g_v for _, g_v in stored])
+        if v_norm == 0:  # g_s was parallel to g: the orthogonal part to add is zero
+            return
+        factor = group["looksam_alpha"] * global_norm([p.grad for p, _ in stored]) / v_norm
+        for param, g_v in stored:
+            param.grad.add_(g_v.to(param.grad.device), alpha=factor)
+
+    def state_dict(self):
+        return {"directions": {str(i): g_v for i, g_v in self.directions.items()}}
+
+    def load_state_dict(self, state):
+        self.directions = {int(i): g_v for i, g_v in state.get("directions", {}).items()}
+
+
+class InstanceReweighting(Piece):
+    """δ-SAM (Eqs. 3–6): the ascent descends Σ g'_i l_i instead of the mean, with g'_i from the loss changes
+    a_i = l_i(w + ρ ê/‖ê‖) − l_i(w) under one random Gaussian direction ê (β = ``delta_beta``)."""
+
+    hyperparameters: ClassVar[dict[str, float]] = {"delta_beta": 5.0}
+
+    def check(self, group):
+        if not group["delta_beta"] >= 0:
+            raise ValueError(f"delta_beta must be >= 0, got {group['delta_beta']}")
+
+    def instance_probe(self, optimizer, closure, chunk):
+        params = optimizer.parameters()
+        rho = optimizer.radius(optimizer.param_groups[0])
+        directions = [torch.randn(p.shape, generator=optimizer.generator, dtype=p.dtype).to(p.device) for p in params]
+        norm = global_norm(directions)
+        epsilon = [rho * d / norm for d in directions] if norm > 0 else [None] * len(params)
+        with optimizer.perturbed(params, epsilon):
+            return closure(chunk).detach()
+
+    def instance_weights(self, probe, losses, group):
+        return delta_sam_weights(probe - losses, group["delta_beta"])
+
+
+def delta_sam_weights(guardedness: torch.Tensor, beta: float) -> torch.Tensor:
+    """δ-SAM instance weights g'_i from the loss changes a_i under a random perturbation (Eqs. 4–6), shape [N].
+
+    g_i = |a_i| / Σ|a|; ā = mean(a); a_s = Σ g_i a_i; r = β |ā| / |a_s|; g'_i = (g_i − 1/N) r + 1/N (Σ g' = 1).
+    Degenerate batches (all a_i = 0, or a_s = 0) get uniform weights 1/N: there is nothing to reweight by.
+    """
+    a = guardedness.double()
+    n = a.numel()
+    uniform = torch.full_like(a, 1.0 / n)
+    total = a.abs().sum()
+    if total == 0:
+        return uniform.to(guardedness.dtype)
+    g = a.abs() / total
+    a_mean = a.mean()
+    a_s = (g * a).sum()
+    if a_s == 0:
+        return uniform.to(guardedness.dtype)
+    r = beta * a_mean.abs() / a_s.abs()
+    return ((g - 1.0 / n) * r + 1.0 / n).to(guardedness.dtype)
+
+
+def global_norm(tensors: list[torch.Tensor]) -> float:
+    """L2 norm over a list of tensors: per-tensor norms in their dtype, combined in float64 (no upcast copies)."""
+    return math.sqrt(sum(float(torch.linalg.vector_norm(t)) ** 2 for t in tensors))
