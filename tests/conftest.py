@@ -38,9 +38,18 @@ def _isolated_cache(tmp_path_factory, monkeypatch):
 
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory) -> Path:
-    from landscape.models.loading import build_tiny_model_folder
+    """A tiny BERT (2 layers, hidden 32) with a vocabulary of a few hundred words."""
+    from landscape.models.tiny import build_tiny_model_folder
 
     return build_tiny_model_folder(tmp_path_factory.mktemp("tiny-bert"))
+
+
+@pytest.fixture(scope="session")
+def tiny_minilm_vocab_model_dir(tmp_path_factory) -> Path:
+    """The same tiny BERT with MiniLM's 30 522-word vocabulary: the one the CLI's pinned losses were recorded with."""
+    from landscape.models.tiny import build_tiny_model_folder
+
+    return build_tiny_model_folder(tmp_path_factory.mktemp("tiny-bert-minilm-vocab"), vocabulary="minilm")
 
 
 def sentiment_rows(count: int, seed: int) -> list[tuple[str, int]]:

@@ -47,7 +47,7 @@ def resolve_model_path(model: str) -> str:
     return model
 
 
-def _quiet_transformers() -> None:
+def quiet_transformers() -> None:
     import transformers
 
     transformers.logging.set_verbosity_error()
@@ -63,7 +63,7 @@ class LoadedModel:
 
 def load_tokenizer(model: str):
     """The tokenizer of ``model`` (alias, folder or hub name)."""
-    _quiet_transformers()
+    quiet_transformers()
     from transformers import AutoTokenizer
 
     path = resolve_model_path(model)
@@ -87,7 +87,7 @@ def load_model(
     (normal(0, initializer_range) weights, zero biases), so θ0 depends on the seed and nothing else.
     ``attn_implementation="eager"`` is needed for double backward (Hessian-vector products).
     """
-    _quiet_transformers()
+    quiet_transformers()
     from transformers import AutoModelForSequenceClassification
 
     path = resolve_model_path(model)
@@ -127,31 +127,6 @@ def initialise_missing(net: nn.Module, names: list[str], *, seed: int) -> None:
                 param.zero_()
             else:
                 param.copy_(torch.randn(param.shape, generator=generator, dtype=param.dtype) * std)
-
-
-def build_tiny_model_folder(folder: str | Path, *, tokenizer_source: str = "minilm") -> Path:
-    """Write a tiny random BERT encoder (2 layers, hidden 32) with the MiniLM tokenizer to ``folder``.
-
-    Like a pretrained checkpoint it has no classification head, so loading it for a task initialises the head.
-    Nothing is downloaded: the config is built here, the tokenizer comes from the offline MiniLM package.
-    """
-    _quiet_transformers()
-    from transformers import BertConfig, BertModel
-
-    folder = Path(folder)
-    tokenizer = load_tokenizer(tokenizer_source)
-    config = BertConfig(
-        vocab_size=tokenizer.vocab_size,
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        intermediate_size=64,
-        max_position_embeddings=512,
-    )
-    torch.manual_seed(0)
-    BertModel(config).save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return folder
 
 
 def _first_line(exc: BaseException) -> str:

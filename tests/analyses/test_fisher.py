@@ -36,7 +36,8 @@ def make_batches(num_labels: int, *, regression: bool = False, seed: int = 0) ->
     count = sum(BATCH_SIZES)
     lengths = torch.randint(5, 13, (count,), generator=generator).tolist()
     ids = [
-        torch.cat([torch.tensor([101]), torch.randint(1000, 5000, (n - 2,), generator=generator), torch.tensor([102])])
+        # [CLS] word ids [SEP] of the tiny vocabulary (ids 2 and 3; words from 5 on)
+        torch.cat([torch.tensor([2]), torch.randint(5, 400, (n - 2,), generator=generator), torch.tensor([3])])
         for n in lengths
     ]
     types = [

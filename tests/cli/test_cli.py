@@ -29,9 +29,10 @@ def run_cli(*args, env=None, timeout=300):
     return subprocess.run([*LANDSCAPE, *args], capture_output=True, text=True, timeout=timeout, env=env)
 
 
-def test_smoke_train_pins_the_losses(tiny_model_dir, tiny_data_dir, tmp_path):
+def test_smoke_train_pins_the_losses(tiny_minilm_vocab_model_dir, tiny_data_dir, tmp_path):
     out = tmp_path / "run"
-    proc = run_cli(*tiny_train_args(tiny_model_dir, tiny_data_dir, out, "--max-steps", "5", "--json"))
+    model = tiny_minilm_vocab_model_dir
+    proc = run_cli(*tiny_train_args(model, tiny_data_dir, out, "--max-steps", "5", "--json"))
     assert proc.returncode == 0, proc.stderr
     summary = json.loads(proc.stdout.strip().splitlines()[-1])
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]

@@ -77,3 +77,15 @@ def test_every_shipped_config_loads_and_starts_with_its_command(path, monkeypatc
     assert Path(args.config) == path.relative_to(REPO)
     config = config_from_args(args).resolved()
     assert config.task and config.lr > 0 and config.epochs > 0
+
+
+def test_a_renamed_option_is_refused_with_its_new_name_and_old_runs_still_compare(tmp_path, capsys):
+    from landscape.cli.main import main
+    from landscape.training.config import comparable, upgrade_config
+
+    assert main(["train", "--task", "sst2", "beta=3"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "'beta' is now called 'delta_beta'" in err
+    old = {"task": "sst2", "sam": "delta-sam", "beta": 3.0}
+    assert upgrade_config(old) == {"task": "sst2", "sam": "delta-sam", "delta_beta": 3.0} and "beta" in old
+    assert comparable(old) == comparable({"task": "sst2", "sam": "delta-sam", "delta_beta": 3.0})

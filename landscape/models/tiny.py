@@ -1,0 +1,76 @@
+"""Tiny models built from a config, for tests and smoke runs: nothing is downloaded.
+
+``build_tiny_model_folder`` writes a 2-layer BERT encoder (hidden 32) and its tokenizer to a folder that loads like
+any pretrained checkpoint (no classification head: loading it for a task initialises one). Its default vocabulary
+is small (:func:`small_vocabulary`: a few hundred common English words plus every letter and digit, alone and as a
+``##`` continuation, so any text still tokenizes): the embeddings then hold about 10 k of its parameters instead of
+the ~1 M that MiniLM's 30 522-row vocabulary gives, so Fisher and Hessian tests work on the coordinates that matter.
+``vocabulary="minilm"`` keeps MiniLM's tokenizer (the pinned smoke run of the CLI was recorded with it).
+"""
+
+from __future__ import annotations
+
+import string
+from pathlib import Path
+
+import torch
+
+from landscape.models.loading import load_tokenizer, quiet_transformers
+
+SPECIAL_TOKENS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
+# Common English words and those of the tests' synthetic tasks; the order fixes the token ids.
+_WORDS = """
+the of and a to in is was it for on that with as at by this be from or an are not but have had his her they
+you he she we i my me our your their them there what which who when where why how all any some no yes one two
+three four five six seven eight nine ten more most many much very so too also just only than then now here
+out up down over under into about after before again against between through during while because if would
+could should can will may might must do does did done make made take took get got go went come came see saw
+know knew think thought say said tell told give gave find found feel felt seem look looked want use used work
+day time year way man men woman women child children people world life hand part place case week company
+system program question number night point home water room mother father area money story fact month lot right
+study book eye job word business issue side kind head house service friend power hour game line end member law
+car city community name president team minute idea kid body information back parent face others level office
+door health person art war history party result change morning reason research girl guy moment air teacher
+force education good great fine lovely superb happy warm bright bad awful poor dull sad cold grim dark movie
+really quite film plot new old big small long short high low early late young same different real best better
+worst worse little own other last first next few every each both such well even still never always often
+cat dog sun tree river stone bird cloud house road lamp field red blue green black white sentence entailment
+"""
+COMMON_WORDS = tuple(_WORDS.split())
+
+
+def small_vocabulary() -> list[str]:
+    """The tiny tokenizer's vocabulary, ids in list order: special tokens, words, characters, ``##`` characters."""
+    characters = list(string.ascii_lowercase + string.digits + string.punctuation)
+    tokens = [*SPECIAL_TOKENS, *COMMON_WORDS, *characters, *(f"##{c}" for c in characters)]
+    return list(dict.fromkeys(tokens))  # first occurrence wins: "a" and "i" are both words and characters
+
+
+def build_tiny_model_folder(folder: str | Path, *, vocabulary: str = "small") -> Path:
+    """Write a tiny random BERT encoder (2 layers, hidden 32, seed 0) and its tokenizer to ``folder``.
+
+    ``vocabulary``: ``"small"`` (:func:`small_vocabulary`, lower-cased WordPiece) or ``"minilm"`` (MiniLM's).
+    """
+    quiet_transformers()
+    from transformers import BertConfig, BertModel, BertTokenizer
+
+    if vocabulary == "small":
+        tokenizer = BertTokenizer(vocab={token: i for i, token in enumerate(small_vocabulary())}, do_lower_case=True)
+    elif vocabulary == "minilm":
+        tokenizer = load_tokenizer("minilm")
+    else:
+        raise ValueError(f"vocabulary must be 'small' or 'minilm', got {vocabulary!r}")
+    folder = Path(folder)
+    config = BertConfig(
+        vocab_size=tokenizer.vocab_size,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=512,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    torch.manual_seed(0)
+    BertModel(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
