@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import math
 import re
-import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -46,8 +45,9 @@ from analyses.fisher import (
 )
 from landscape.core.errors import CheckpointError, ConfigError
 from landscape.core.params import check_same_keys_and_shapes, content_hash, model_parameters
-from landscape.core.results import Result, resume_or_start, save_result
-from landscape.models.runs import WEIGHTS, load_run_model, open_run, select_subset
+from landscape.core.results import Result
+from landscape.models.jobs import AnalysisJob, DataSelection
+from landscape.models.runs import WEIGHTS, load_run_model, open_run
 from landscape.models.state import restored
 
 MODULE_TYPES = (
@@ -244,15 +244,12 @@ def compute_fisher(
     weights: str = "final",
     mode: str = "per-example",
     bins: int = DEFAULT_BINS,
-    seed: int = 0,
-    split: str = "train",
-    samples: int | None = 128,
-    task: str | None = None,
-    data_dir: str | Path | None = None,
-    batch_size: int = 32,
+    data: DataSelection | None = None,
     overwrite: bool = False,
 ) -> tuple[Result, bool]:
-    """The ``fisher`` result of the run's ``weights`` on ``samples`` examples of ``split`` (seeded), saved to ``out``.
+    """The ``fisher`` result of the run's ``weights`` on the examples ``data`` selects, saved to ``out``.
+
+    ``data`` defaults to 128 training examples drawn with seed 0.
 
     With ``compare`` (another run; default the same run when only ``compare_weights`` is given) the mask IoU with its
     ``compare_weights`` (default ``final``) on the same examples goes into ``meta["compare"]``. Returns
@@ -265,10 +262,10 @@ def compute_fisher(
         raise ConfigError(f"compare weights must be one of {', '.join(WEIGHTS)}, got {compare_weights!r}")
     check_sparsity(sparsity)
     log10_edges({}, bins)  # validates the number of bins
-    started = time.perf_counter()
-    run = open_run(run_path, task=task, data_dir=data_dir)
+    data = data or DataSelection(split="train", samples=128)
+    run = data.open_run(run_path)
     loaded = load_run_model(run, weights)
-    subset = select_subset(run, loaded.tokenizer, split=split, samples=samples, seed=seed, batch_size=batch_size)
+    subset = data.subset(run, loaded.tokenizer)
     identity: dict[str, Any] = {
         "kind": "fisher",
         "weights": weights,
@@ -297,14 +294,12 @@ def compute_fisher(
             "weights": compare_weights or "final",
             "checkpoint_sha256": content_hash(model_parameters(other_model)),
         }
-    existing = resume_or_start(out, "fisher", identity, overwrite=overwrite)
-    if existing is not None and existing.meta.get("complete"):
-        return existing, True
+    job = AnalysisJob("fisher", out, identity, overwrite=overwrite)
+    if job.complete is not None:
+        return job.complete, True
     fisher = fisher_diagonal(loaded.model, subset.batches, mode=mode)
     arrays = fisher_distributions(fisher.diagonal, sparsity=sparsity, bins=bins)
     meta: dict[str, Any] = {
-        "identity": identity,
-        "complete": True,
         "run": run.describe(),
         "data": subset.describe(),
         "weights": weights,
@@ -323,5 +318,4 @@ def compute_fisher(
             "total_trace": float(sum(float(v.double().sum()) for v in other.diagonal.values())),
             **mask_overlap(fisher.diagonal, other.diagonal, sparsity=sparsity),
         }
-    meta["wall_time_s"] = time.perf_counter() - started
-    return save_result(Result("fisher", arrays, meta), out), False
+    return job.save(arrays, meta), False

@@ -40,9 +40,10 @@ from torch.func import grad_and_value, vmap
 
 from landscape.core.errors import ConfigError
 from landscape.core.params import Params, combine, content_hash, model_parameters, norm
-from landscape.core.results import Result, resume_or_start, save_result
+from landscape.core.results import Result
 from landscape.models.evaluation import batch_losses, example_loss_function, outputs_over
-from landscape.models.runs import EvalSubset, evaluate_subset, load_run_model, open_run, select_subset
+from landscape.models.jobs import AnalysisJob, DataSelection
+from landscape.models.runs import EvalSubset, evaluate_subset, load_run_model
 from landscape.models.state import eval_mode
 
 ADAPTIVE_ETA = 0.01  # ASAM's η, also the default of optimizers.sam.SharpnessAware
@@ -504,27 +505,26 @@ def compute_sharpness(
     instance_rho: float | None = None,
     top_k: int = 0,
     trace_samples: int = 0,
-    seed: int = 0,
-    split: str = "train",
-    samples: int | None = 256,
-    task: str | None = None,
-    data_dir: str | Path | None = None,
+    data: DataSelection | None = None,
     weights: str = "final",
-    batch_size: int = 32,
     overwrite: bool = False,
     progress: bool = False,
 ) -> tuple[Result, bool]:
     """Load the run's ``weights``, compute :func:`sharpness_result` and save it to ``out``; ``(result, skipped)``.
+
+    ``data`` defaults to 256 training examples drawn with seed 0; its seed also seeds the random draws.
 
     A complete result of the same parameters already in ``out`` is returned as it is (``skipped`` True); one of other
     parameters raises :class:`ConfigError` unless ``overwrite``. The model is loaded with eager attention when the
     Hessian is asked for (double backward).
     """
     rhos, sigmas = _check_values(rho, "rho"), _check_values(sigma, "sigma")
-    run = open_run(run_path, task=task, data_dir=data_dir)
+    data = data or DataSelection(split="train", samples=256)
+    seed = data.seed
+    run = data.open_run(run_path)
     needs_hessian = top_k > 0 or trace_samples > 0
     loaded = load_run_model(run, weights, attn_implementation="eager" if needs_hessian else None)
-    subset = select_subset(run, loaded.tokenizer, split=split, samples=samples, seed=seed, batch_size=batch_size)
+    subset = data.subset(run, loaded.tokenizer)
     checkpoint = content_hash(model_parameters(loaded.model))
     identity = {
         "kind": "sharpness",
@@ -542,9 +542,9 @@ def compute_sharpness(
         "trace_samples": trace_samples,
         "seed": seed,
     }
-    existing = resume_or_start(out, "sharpness", identity, overwrite=overwrite)
-    if existing is not None and existing.meta.get("complete"):
-        return existing, True
+    job = AnalysisJob("sharpness", out, identity, overwrite=overwrite)
+    if job.complete is not None:
+        return job.complete, True
     result = sharpness_result(
         loaded.model,
         subset,
@@ -560,8 +560,8 @@ def compute_sharpness(
         seed=seed,
         progress=progress,
     )
-    meta = {**result.meta, "identity": identity, "complete": True, "run": run.describe(), "weights": weights}
-    return save_result(Result("sharpness", result.arrays, meta), out), False
+    meta = {**result.meta, "run": run.describe(), "weights": weights}
+    return job.save(result.arrays, meta), False
 
 
 # ------------------------------------------------------------------------------------------------------------------

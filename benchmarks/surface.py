@@ -35,6 +35,7 @@ from landscape.core.atomic import write_json, write_text  # noqa: E402
 from landscape.data.losses import model_inputs  # noqa: E402
 from landscape.data.tasks import get_task  # noqa: E402
 from landscape.geometry.surface import compute_surface  # noqa: E402
+from landscape.models.jobs import DataSelection  # noqa: E402
 from landscape.models.loading import load_model  # noqa: E402
 from landscape.models.runs import evaluate_subset, open_run, select_subset  # noqa: E402
 from landscape.models.weights import save_weights  # noqa: E402
@@ -110,8 +111,8 @@ def main() -> int:
         cells = args.grid * args.grid
 
         start = time.perf_counter()
-        ours = compute_surface(run_dir, Path(tmp) / "surface", grid=args.grid, samples=args.samples, seed=0,
-                               batch_size=args.batch_size)  # fmt: skip
+        selection = DataSelection(samples=args.samples, seed=0, batch_size=args.batch_size)
+        ours = compute_surface(run_dir, Path(tmp) / "surface", grid=args.grid, data=selection)
         ours_total = time.perf_counter() - start
         ours_grid = float(ours.meta["wall_time_s"])
 

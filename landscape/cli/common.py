@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 
 from landscape.core.errors import ConfigError
 from landscape.geometry.grids import EXECUTORS
-from landscape.models.runs import SPLITS, Run, open_run
+from landscape.models.jobs import DataSelection
+from landscape.models.runs import SPLITS
 
 
 def positive_int(text: str) -> int:
@@ -50,9 +50,16 @@ def add_output_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def run_from_args(path: str | Path, args: argparse.Namespace) -> Run:
-    """Open the run at ``path`` with the ``--task`` / ``--data-dir`` overrides of ``args``."""
-    return open_run(path, task=getattr(args, "task", None), data_dir=getattr(args, "data_dir", None))
+def data_selection(args: argparse.Namespace) -> DataSelection:
+    """The :class:`DataSelection` of ``add_data_arguments``'s flags (and ``--batch-size``)."""
+    return DataSelection(
+        split=args.split,
+        samples=args.samples,
+        seed=args.seed,
+        task=args.task,
+        data_dir=args.data_dir,
+        batch_size=getattr(args, "batch_size", 32),
+    )
 
 
 def check_range(values: list[float], flag: str) -> tuple[float, float]:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from landscape.cli.common import add_data_arguments, add_output_arguments, positive_int, run_from_args
+from landscape.cli.common import add_data_arguments, add_output_arguments, data_selection, positive_int
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -49,7 +49,8 @@ def run(args: argparse.Namespace) -> int:
 
     if not (math.isfinite(args.sparsity) and 0 <= args.sparsity < 1):
         raise ConfigError(f"--sparsity takes a number in [0, 1), got {args.sparsity}")
-    run_from_args(args.run_dir, args)  # refuses a bad run directory before anything is loaded
+    data = data_selection(args)
+    data.open_run(args.run_dir)  # refuses a bad run directory before anything is loaded
     result, skipped = compute_fisher(
         args.run_dir,
         args.out,
@@ -59,12 +60,7 @@ def run(args: argparse.Namespace) -> int:
         weights=args.weights,
         mode=args.fisher_mode,
         bins=args.bins,
-        seed=args.seed,
-        split=args.split,
-        samples=args.samples,
-        task=args.task,
-        data_dir=args.data_dir,
-        batch_size=args.batch_size,
+        data=data,
         overwrite=args.overwrite,
     )
     state = "already complete, nothing recomputed" if skipped else "written"

@@ -4,33 +4,12 @@ from __future__ import annotations
 
 import argparse
 import math
-import sys
-import time
-from pathlib import Path
-from typing import Any
 
-import numpy as np
-
-from analyses.hessian import HVP_METHODS, HessianOperator, name_filter, pyhessian_eigenvalues, pyhessian_trace
-from analyses.spectral import (
-    WHICH,
-    broadened_density,
-    default_sigma,
-    density_grid,
-    hutchinson,
-    hutchpp,
-    lanczos,
-    lanczos_quadrature,
-)
-from landscape.cli.common import add_data_arguments, add_output_arguments, positive_int, run_from_args
-from landscape.core.errors import ConfigError
-from landscape.core.params import content_hash, model_parameters
-from landscape.core.results import Result, resume_or_start, save_result
-from landscape.models.runs import WEIGHTS, evaluate_subset, load_run_model, select_subset
-
-KIND = "hessian"
-BACKENDS = ("native", "pyhessian")
-TRACE_METHODS = ("hutchinson", "hutchpp", "both")
+from analyses.curvature import BACKENDS, TRACE_METHODS, HessianOptions, compute_hessian
+from analyses.hessian import HVP_METHODS
+from analyses.spectral import WHICH
+from landscape.cli.common import add_data_arguments, add_output_arguments, data_selection, positive_int
+from landscape.models.runs import WEIGHTS
 
 
 def positive_float(text: str) -> float:
@@ -112,183 +91,41 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.set_defaults(run=run)
 
 
-class _ShowProgress:
-    """The operator, printing the number of products done on stderr (``--progress``)."""
-
-    def __init__(self, operator: HessianOperator):
-        self.operator, self.dim, self.device = operator, operator.dim, operator.device
-
-    def matvec(self, v):
-        out = self.operator.matvec(v)
-        print(f"\rHessian-vector products: {self.operator.matvecs}", end="", file=sys.stderr, flush=True)
-        return out
-
-
-def _check_backend(args: argparse.Namespace) -> str:
-    """The ``which`` to use; refuses what the PyHessian backend cannot do."""
-    if args.backend == "native":
-        return args.which or "LA"
-    if args.which not in (None, "LM"):
-        raise ConfigError(
-            f"--backend pyhessian finds largest-magnitude eigenvalues only (power iteration); "
-            f"got --which {args.which}, expected LM or --backend native"
-        )
-    if args.density:
-        raise ConfigError(
-            "--backend pyhessian has no working density: pyhessian 0.1 calls torch.eig, which PyTorch 2 "
-            "removed; use --backend native for --density"
-        )
-    if args.trace and args.trace_method != "hutchinson":
-        raise ConfigError(
-            f"--backend pyhessian has no Hutch++; got --trace-method {args.trace_method}, expected hutchinson"
-        )
-    return "LM"
-
-
-def identity_of(args: argparse.Namespace, which: str, checkpoint: str, data: dict[str, Any]) -> dict[str, Any]:
-    """Every parameter that determines the values of the result."""
-    density_options = {
-        "steps": args.density_steps,
-        "vectors": args.density_vectors,
-        "grid": args.density_grid,
-        "sigma": args.density_sigma,
-    }
-    return {
-        "checkpoint_sha256": checkpoint,
-        "weights": args.weights,
-        "data": data,
-        "batch_size": args.batch_size,
-        "params": args.params,
-        "backend": args.backend,
-        "method": args.method,
-        "top_k": args.top_k,
-        "which": which,
-        "tol": args.tol,
-        "max_iter": args.max_iter,
-        "trace": {"method": args.trace_method, "samples": args.trace_samples} if args.trace else None,
-        "density": density_options if args.density else None,
-        "seed": args.seed,
-    }
-
-
 def run(args: argparse.Namespace) -> int:
-    which = _check_backend(args)
-    parameter_filter = name_filter(args.params)
-    analysed = run_from_args(args.run_dir, args)
-    loaded = load_run_model(analysed, args.weights, attn_implementation="eager")
-    model = loaded.model
-    subset = select_subset(
-        analysed, loaded.tokenizer, split=args.split, samples=args.samples, seed=args.seed, batch_size=args.batch_size
-    )
-    checkpoint = content_hash(model_parameters(model))
-    identity = identity_of(args, which, checkpoint, subset.describe())
-    out = Path(args.out)
-    existing = resume_or_start(out, KIND, identity, overwrite=args.overwrite)
-    if existing is not None and existing.meta.get("complete"):
-        print(f"{out}: complete with these parameters, nothing to do")
-        return 0
-
-    started = time.perf_counter()
-    operator = HessianOperator(model, subset, parameter_filter=parameter_filter, method=args.method)
-    if args.top_k > operator.dim:
-        raise ConfigError(f"--top-k {args.top_k} exceeds the {operator.dim} selected parameters")
-    shown_operator = _ShowProgress(operator) if args.progress else operator
-    arrays: dict[str, np.ndarray] = {}
-    meta: dict[str, Any] = {}
-    if args.backend == "native":
-        eigen = lanczos(
-            shown_operator,
-            args.top_k,
-            which=which,
-            max_iter=args.max_iter,
-            tol=args.tol,
-            seed=args.seed,
-            return_eigenvectors=False,
-        )
-        eigenvalues, residuals, converged = eigen.eigenvalues, eigen.residuals, eigen.converged
-    else:
-        eigenvalues, vectors = pyhessian_eigenvalues(
-            model,
-            subset,
-            args.top_k,
-            parameter_filter=parameter_filter,
-            max_iter=args.max_iter or 100,
-            tol=args.tol,
-            seed=args.seed,
-        )
-        # Scored with our operator: the explicit residual of each returned pair.
-        residuals = np.array(
-            [float((operator.matvec(v) - value * v).norm()) for value, v in zip(eigenvalues, vectors, strict=True)]
-        )
-        converged = residuals <= args.tol * np.maximum(1.0, np.abs(eigenvalues))
-    arrays.update(eigenvalues=eigenvalues, residuals=residuals, converged=converged)
-
-    if args.trace:
-        if args.backend == "pyhessian":
-            estimate = pyhessian_trace(
-                model, subset, args.trace_samples, parameter_filter=parameter_filter, seed=args.seed
-            )
-        else:
-            wanted = args.trace_method != "hutchpp"
-            estimate = hutchinson(shown_operator, args.trace_samples, seed=args.seed) if wanted else None
-        if estimate is not None:
-            arrays.update(trace=np.float64(estimate.mean), trace_se=np.float64(estimate.se))
-        if args.trace_method in ("hutchpp", "both"):
-            plus = hutchpp(shown_operator, args.trace_samples, seed=args.seed)
-            arrays.update(hutchpp_trace=np.float64(plus.mean), hutchpp_trace_se=np.float64(plus.se))
-
-    if args.density:
-        nodes, weights = lanczos_quadrature(
-            shown_operator, vectors=args.density_vectors, steps=args.density_steps, seed=args.seed
-        )
-        sigma = args.density_sigma or default_sigma(nodes)
-        grid = density_grid(nodes, sigma, args.density_grid)
-        arrays.update(
-            density_grid=grid,
-            density=broadened_density(nodes, weights, grid, sigma),
-            density_nodes=nodes,
-            density_weights=weights,
-        )
-        meta["density"] = {
-            "steps": args.density_steps,
-            "vectors": args.density_vectors,
-            "grid": args.density_grid,
-            "sigma": sigma,
-        }
-
-    if args.progress:
-        print(file=sys.stderr)
-    evaluation = evaluate_subset(model, subset)
-    meta.update(
-        identity=identity,
-        complete=True,
-        run=analysed.describe(),
-        data=subset.describe(),
-        checkpoint_sha256=checkpoint,
-        weights=args.weights,
-        which=which,
+    options = HessianOptions(
         top_k=args.top_k,
+        which=args.which,
         tol=args.tol,
+        max_iter=args.max_iter,
+        trace=args.trace,
+        trace_method=args.trace_method,
+        trace_samples=args.trace_samples,
+        density=args.density,
+        density_steps=args.density_steps,
+        density_vectors=args.density_vectors,
+        density_grid=args.density_grid,
+        density_sigma=args.density_sigma,
         backend=args.backend,
-        hvp_method=operator.method,
-        parameters={"pattern": args.params, "names": len(operator.parameter_names), "dim": operator.dim},
-        trace_method=args.trace_method if args.trace else None,
-        trace_samples=args.trace_samples if args.trace else None,
-        matvecs=operator.matvecs,
-        loss=evaluation.loss,
-        metric=evaluation.metric,
-        metric_name=evaluation.metric_name,
-        wall_time_s=time.perf_counter() - started,
+        method=args.method,
+        params=args.params,
     )
-    save_result(Result(KIND, arrays, meta), out)
+    result, skipped = compute_hessian(
+        args.run_dir, args.out, options, data=data_selection(args), weights=args.weights,
+        overwrite=args.overwrite, progress=args.progress,
+    )  # fmt: skip
+    if skipped:
+        print(f"{args.out}: complete with these parameters, nothing to do")
+        return 0
+    arrays = result.arrays
     shown = ", ".join(
-        f"{value:.6g}{'' if ok else ' (not converged)'}" for value, ok in zip(eigenvalues, converged, strict=True)
+        f"{value:.6g}{'' if ok else ' (not converged)'}"
+        for value, ok in zip(arrays["eigenvalues"], arrays["converged"], strict=True)
     )
-    print(f"eigenvalues ({which}): {shown}")
+    print(f"eigenvalues ({result.meta['which']}): {shown}")
     if "trace" in arrays:
         trace, se = float(arrays["trace"]), float(arrays["trace_se"])
         print(f"trace (Hutchinson, {args.trace_samples} samples): {trace:.6g} ± {se:.2g}")
     if "hutchpp_trace" in arrays:
         print(f"trace (Hutch++, {args.trace_samples} products): {float(arrays['hutchpp_trace']):.6g}")
-    print(f"hessian result written to {out}")
+    print(f"hessian result written to {args.out}")
     return 0

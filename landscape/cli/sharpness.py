@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import math
 
-from landscape.cli.common import add_data_arguments, add_output_arguments, positive_int, run_from_args
+from landscape.cli.common import add_data_arguments, add_output_arguments, data_selection, positive_int
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -83,7 +83,8 @@ def run(args: argparse.Namespace) -> int:
             raise ConfigError(f"{flag} takes an integer >= 0, got {value}")
     if args.trace_samples == 1:
         raise ConfigError("--trace-samples needs at least 2 samples for a standard error (or 0 for none), got 1")
-    run_from_args(args.run_dir, args)  # refuses a bad run directory before anything is loaded
+    data = data_selection(args)
+    data.open_run(args.run_dir)  # refuses a bad run directory before anything is loaded
     result, skipped = compute_sharpness(
         args.run_dir,
         args.out,
@@ -96,13 +97,8 @@ def run(args: argparse.Namespace) -> int:
         instance_rho=args.instance_rho,
         top_k=args.top_k,
         trace_samples=args.trace_samples,
-        seed=args.seed,
-        split=args.split,
-        samples=args.samples,
-        task=args.task,
-        data_dir=args.data_dir,
+        data=data,
         weights=args.weights,
-        batch_size=args.batch_size,
         overwrite=args.overwrite,
         progress=args.progress,
     )

@@ -10,7 +10,6 @@ independently of the others, so the values do not depend on the executor or on w
 from __future__ import annotations
 
 import os
-import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
@@ -22,7 +21,8 @@ from torch import nn
 from landscape.core.errors import ConfigError
 from landscape.core.params import check_same_keys_and_shapes, model_parameters
 from landscape.geometry.directions import load_directions
-from landscape.models.runs import EvalSubset, evaluate_subset, load_run_model, open_run, read_run_weights, select_subset
+from landscape.models.jobs import DataSelection
+from landscape.models.runs import EvalSubset, evaluate_subset, load_run_model, read_run_weights
 from landscape.models.state import restored
 
 Cell = tuple[float, ...]
@@ -100,29 +100,22 @@ class CellEvaluator:
 class GridJob:
     """Everything a worker needs to build a :class:`CellEvaluator`, as plain values (picklable for Ray).
 
-    θ is the run's ``weights`` file; the directions are read from ``directions_file``.
+    θ is the run's ``weights`` file; the directions are read from ``directions_file``; the examples are ``data``'s.
     """
 
     run_path: str
-    task: str | None
-    data_dir: str | None
     weights: str
     directions_file: str
-    split: str
-    samples: int | None
-    seed: int
-    batch_size: int = 32
+    data: DataSelection
 
     @contextmanager
     def evaluator(self) -> Iterator[CellEvaluator]:
         """Load the run's model, θ, the directions and the subset once; yield an entered evaluator."""
-        run = open_run(self.run_path, task=self.task, data_dir=self.data_dir)
+        run = self.data.open_run(self.run_path)
         loaded = load_run_model(run, self.weights)
         theta = read_run_weights(run, loaded.model, self.weights)
         directions, _ = load_directions(self.directions_file)
-        subset = select_subset(
-            run, loaded.tokenizer, split=self.split, samples=self.samples, seed=self.seed, batch_size=self.batch_size
-        )
+        subset = self.data.subset(run, loaded.tokenizer)
         with CellEvaluator(loaded.model, subset, directions, theta) as evaluator:
             yield evaluator
 
@@ -232,14 +225,3 @@ def make_executor(name: str, *, address: str | None = None, workers: int | None 
 def chunked(cells: Sequence[tuple[int, Cell]], size: int) -> list[list[tuple[int, Cell]]]:
     """Consecutive chunks of ``size`` cells (the last may be shorter)."""
     return [list(cells[start : start + size]) for start in range(0, len(cells), size)]
-
-
-class Stopwatch:
-    """Seconds since construction, plus an offset carried over from an earlier, interrupted session."""
-
-    def __init__(self, offset: float = 0.0) -> None:
-        self._start = time.perf_counter()
-        self._offset = offset
-
-    def __call__(self) -> float:
-        return self._offset + time.perf_counter() - self._start

@@ -23,8 +23,7 @@ import torch
 
 from landscape.core.errors import ConfigError
 from landscape.core.params import check_same_keys_and_shapes, content_hash
-from landscape.core.provenance import environment_versions, git_revision
-from landscape.core.results import Result, new_grid, resume_or_start, save_result
+from landscape.core.results import Result, new_grid
 from landscape.geometry.directions import (
     NORMS,
     checkpoint_direction,
@@ -33,8 +32,9 @@ from landscape.geometry.directions import (
     random_direction,
     save_directions,
 )
-from landscape.geometry.grids import EXECUTORS, Cell, GridJob, Stopwatch, chunked, make_executor
-from landscape.models.runs import Run, load_run_model, open_run, read_run_weights, select_subset
+from landscape.geometry.grids import EXECUTORS, Cell, GridJob, chunked, make_executor
+from landscape.models.jobs import AnalysisJob, DataSelection
+from landscape.models.runs import Run, load_run_model, read_run_weights
 from landscape.models.weights import read_safetensors
 
 DIRECTIONS_FILE = "directions.safetensors"
@@ -64,15 +64,12 @@ def _progress_bar(total: int, initial: int, enabled: bool, what: str):
 
 def _run_grid(
     *,
-    out: Path,
-    kind: str,
-    identity: Mapping[str, Any],
+    job: AnalysisJob,
     axes: Mapping[str, np.ndarray],
     shape: tuple[int, ...],
     coefficients: Sequence[Cell],
-    job: GridJob,
+    grid_job: GridJob,
     meta: Mapping[str, Any],
-    existing: Result | None,
     executor: Any,
     ray_address: str | None,
     workers: int | None,
@@ -83,28 +80,20 @@ def _run_grid(
 
     ``executor``: a name (``serial``, ``ray``) or an object with ``name`` and ``run(job, chunks, on_chunk)``.
     """
+    existing = job.existing
     if existing is not None:
         loss = np.array(existing.arrays["loss"], dtype=np.float64)
         metric = np.array(existing.arrays["metric"], dtype=np.float64)
         done = np.array(existing.arrays["done"], dtype=bool)
         if loss.shape != shape:
-            raise ConfigError(f"{out} holds a grid of shape {loss.shape}, expected {shape}; pass --overwrite")
-        clock = Stopwatch(float(existing.meta.get("wall_time_s", 0.0)))
+            raise ConfigError(f"{job.out} holds a grid of shape {loss.shape}, expected {shape}; pass --overwrite")
     else:
         loss, done = new_grid(shape)
         metric = np.full(shape, np.nan, dtype=np.float64)
-        clock = Stopwatch()
-    fixed_meta = {
-        **meta,
-        "identity": dict(identity),
-        "versions": environment_versions(),
-        "git_revision": git_revision(),
-        "executor": executor if isinstance(executor, str) else executor.name,
-    }
+    fixed_meta = {**meta, "executor": executor if isinstance(executor, str) else executor.name}
 
     def save(complete: bool) -> Result:
-        arrays = {**axes, "loss": loss, "metric": metric, "done": done}
-        return save_result(Result(kind, arrays, {**fixed_meta, "complete": complete, "wall_time_s": clock()}), out)
+        return job.save({**axes, "loss": loss, "metric": metric, "done": done}, fixed_meta, complete=complete)
 
     flat_done = done.reshape(-1)
     pending = [(number, coefficients[number]) for number in np.flatnonzero(~flat_done).tolist()]
@@ -117,7 +106,7 @@ def _run_grid(
         if chunk_size is None:
             # Serial: save after every cell (a save is a few ms). Ray: a few chunks per worker keeps all busy.
             chunk_size = 1 if runner.name == "serial" else max(1, len(pending) // (4 * (workers or 2)))
-        bar = _progress_bar(flat_done.size, int(flat_done.sum()), progress, kind)
+        bar = _progress_bar(flat_done.size, int(flat_done.sum()), progress, job.kind)
         flat_loss, flat_metric = loss.reshape(-1), metric.reshape(-1)
 
         def on_chunk(results: list[tuple[int, float, float]]) -> None:
@@ -127,19 +116,20 @@ def _run_grid(
             bar.update(len(results))
 
         try:
-            runner.run(job, chunked(pending, chunk_size), on_chunk)
+            runner.run(grid_job, chunked(pending, chunk_size), on_chunk)
         finally:
             bar.close()
     return save(complete=bool(done.all()))
 
 
-def _data_identity(run: Run, split: str, samples: int | None, seed: int) -> dict[str, Any]:
+def _data_identity(run: Run, data: DataSelection) -> dict[str, Any]:
+    """The data part of a grid's identity (the format grids on disk were keyed by)."""
     return {
         "task": run.task.name,
         "data_dir": str(run.data_dir),
-        "split": split,
-        "samples": samples,
-        "data_seed": seed,
+        "split": data.split,
+        "samples": data.samples,
+        "data_seed": data.seed,
         "max_length": run.max_length,
         "model": run.model,
     }
@@ -156,16 +146,11 @@ def compute_surface(
     norm: str = "filter",
     ignore_1d: bool = True,
     orthogonal: bool = False,
-    seed: int = 0,
-    split: str = "dev",
-    samples: int | None = 256,
-    task: str | None = None,
-    data_dir: str | Path | None = None,
+    data: DataSelection | None = None,
     weights: str = "final",
     executor: str = "serial",
     ray_address: str | None = None,
     workers: int | None = None,
-    batch_size: int = 32,
     overwrite: bool = False,
     progress: bool = False,
     chunk_size: int | None = None,
@@ -175,8 +160,8 @@ def compute_surface(
     ``grid``: points per axis (an int for all axes, or ``(n_a, n_b)``). Directions: zero-mean Gaussian, drawn
     with :func:`direction_seed` ``(seed, k)``, normalised per ``norm`` (``filter``/``layer``/``model``), 1-D
     parameters zero when ``ignore_1d``, the second orthogonalised against the first when ``orthogonal``; saved to
-    ``out/directions.safetensors``. Data: ``samples`` examples of ``split`` drawn with ``seed`` (None or at least
-    the split's size: all). Returns the ``surface`` result (arrays ``a``, ``b`` for 2-D, ``loss``, ``metric``,
+    ``out/directions.safetensors``. Data: ``data`` (default 256 dev examples drawn with seed 0; the seed also
+    draws the directions). Returns the ``surface`` result (arrays ``a``, ``b`` for 2-D, ``loss``, ``metric``,
     ``done``; see docs/results.md).
     """
     if dims not in (1, 2):
@@ -189,11 +174,13 @@ def compute_surface(
     a = _linspace(range_a, n_a, "the range of a")
     b = _linspace(range_b or range_a, n_b, "the range of b") if dims == 2 else None
     out = Path(out)
-    run = open_run(run_path, task=task, data_dir=data_dir)
+    data = data or DataSelection(split="dev", samples=256)
+    seed = data.seed
+    run = data.open_run(run_path)
     loaded = load_run_model(run, weights)
     theta = read_run_weights(run, loaded.model, weights)
     checkpoint_sha = content_hash(theta)
-    subset = select_subset(run, loaded.tokenizer, split=split, samples=samples, seed=seed, batch_size=batch_size)
+    subset = data.subset(run, loaded.tokenizer)
     identity = {
         "kind": "surface",
         "dims": dims,
@@ -205,13 +192,13 @@ def compute_surface(
         "direction_seed": seed,
         "weights": weights,
         "checkpoint_sha256": checkpoint_sha,
-        **_data_identity(run, split, samples, seed),
+        **_data_identity(run, data),
     }
-    existing = resume_or_start(out, "surface", identity, overwrite=overwrite)
+    job = AnalysisJob("surface", out, identity, overwrite=overwrite)
     directions_path = out / DIRECTIONS_FILE
-    if existing is not None and existing.meta.get("complete"):
-        return existing
-    if existing is None or not directions_path.is_file():
+    if job.complete is not None:
+        return job.complete
+    if job.existing is None or not directions_path.is_file():
         with torch.no_grad():
             kinds = layer_kinds(loaded.model)
             d = [
@@ -241,17 +228,7 @@ def compute_surface(
         axes = {"a": a, "b": b}
     else:
         shape, coefficients, axes = (n_a,), [(float(x),) for x in a], {"a": a}
-    job = GridJob(
-        run_path=str(run.path),
-        task=task,
-        data_dir=None if data_dir is None else str(data_dir),
-        weights=weights,
-        directions_file=str(directions_path),
-        split=split,
-        samples=samples,
-        seed=seed,
-        batch_size=batch_size,
-    )
+    grid_job = GridJob(run_path=str(run.path), weights=weights, directions_file=str(directions_path), data=data)
     meta = {
         "dims": dims,
         "run": run.describe(),
@@ -268,15 +245,12 @@ def compute_surface(
         },
     }
     return _run_grid(
-        out=out,
-        kind="surface",
-        identity=identity,
+        job=job,
         axes=axes,
         shape=shape,
         coefficients=coefficients,
-        job=job,
+        grid_job=grid_job,
         meta=meta,
-        existing=existing,
         executor=executor,
         ray_address=ray_address,
         workers=workers,
@@ -295,15 +269,10 @@ def compute_interpolation(
     points: int = 21,
     norm: str = "filter",
     ignore_1d: bool = True,
-    seed: int = 0,
-    split: str = "dev",
-    samples: int | None = 256,
-    task: str | None = None,
-    data_dir: str | Path | None = None,
+    data: DataSelection | None = None,
     executor: str = "serial",
     ray_address: str | None = None,
     workers: int | None = None,
-    batch_size: int = 32,
     overwrite: bool = False,
     progress: bool = False,
     chunk_size: int | None = None,
@@ -319,7 +288,9 @@ def compute_interpolation(
         raise ConfigError("choose either another run (--to) or a random direction (--random), not both")
     alpha = _linspace(alpha_range, points, "--alpha")
     out = Path(out)
-    run = open_run(run_path, task=task, data_dir=data_dir)
+    data = data or DataSelection(split="dev", samples=256)
+    seed = data.seed
+    run = data.open_run(run_path)
     loaded = load_run_model(run, "final")
     theta1 = read_run_weights(run, loaded.model, "final")
     endpoint = "random" if random else ("run" if to is not None else "init")
@@ -327,7 +298,7 @@ def compute_interpolation(
         theta0: dict[str, torch.Tensor] | None = read_run_weights(run, loaded.model, "init")
         theta0_desc: dict[str, Any] = {"run": str(run.path), "weights": "init"}
     elif endpoint == "run":
-        other = open_run(to, task=task, data_dir=data_dir)
+        other = data.open_run(to)
         other_tensors = read_safetensors(other.weights_file("final"))  # names and shapes checked on the next line
         check_same_keys_and_shapes(theta1, other_tensors, f"the final weights of {run.path} and {other.path}")
         theta0 = {name: other_tensors[name].to(theta1[name].dtype) for name in theta1}
@@ -342,14 +313,14 @@ def compute_interpolation(
         "theta1_sha256": theta1_sha,
         "theta0_sha256": None if theta0 is None else content_hash(theta0),
         **({"norm": norm, "ignore_1d": ignore_1d, "direction_seed": seed} if random else {}),
-        **_data_identity(run, split, samples, seed),
+        **_data_identity(run, data),
     }
-    existing = resume_or_start(out, "interpolation", identity, overwrite=overwrite)
-    if existing is not None and existing.meta.get("complete"):
-        return existing
-    subset = select_subset(run, loaded.tokenizer, split=split, samples=samples, seed=seed, batch_size=batch_size)
+    job = AnalysisJob("interpolation", out, identity, overwrite=overwrite)
+    if job.complete is not None:
+        return job.complete
+    subset = data.subset(run, loaded.tokenizer)
     directions_path = out / DIRECTIONS_FILE
-    if existing is None or not directions_path.is_file():
+    if job.existing is None or not directions_path.is_file():
         if theta0 is None:
             direction = random_direction(
                 theta1, seed=direction_seed(seed, 0), norm=norm, ignore_1d=ignore_1d, kinds=layer_kinds(loaded.model)
@@ -359,17 +330,7 @@ def compute_interpolation(
         out.mkdir(parents=True, exist_ok=True)
         save_directions(directions_path, [direction], {"kind": endpoint, "theta1_sha256": theta1_sha})
     del loaded, theta0
-    job = GridJob(
-        run_path=str(run.path),
-        task=task,
-        data_dir=None if data_dir is None else str(data_dir),
-        weights="final",
-        directions_file=str(directions_path),
-        split=split,
-        samples=samples,
-        seed=seed,
-        batch_size=batch_size,
-    )
+    grid_job = GridJob(run_path=str(run.path), weights="final", directions_file=str(directions_path), data=data)
     meta = {
         "run": run.describe(),
         "data": subset.describe(),
@@ -380,15 +341,12 @@ def compute_interpolation(
         "theta0": theta0_desc,
     }
     return _run_grid(
-        out=out,
-        kind="interpolation",
-        identity=identity,
+        job=job,
         axes={"alpha": alpha},
         shape=(len(alpha),),
         coefficients=[(float(x),) for x in alpha],
-        job=job,
+        grid_job=grid_job,
         meta=meta,
-        existing=existing,
         executor=executor,
         ray_address=ray_address,
         workers=workers,

@@ -25,6 +25,7 @@ from landscape.core.results import load_result
 from landscape.data.tasks import get_task
 from landscape.geometry.grids import CellEvaluator
 from landscape.geometry.surface import _run_grid, compute_interpolation, compute_surface
+from landscape.models.jobs import AnalysisJob, DataSelection
 from landscape.models.runs import EvalSubset, evaluate_subset, load_run_model, open_run, select_subset
 from landscape.models.weights import read_safetensors
 
@@ -40,14 +41,14 @@ def tiny_subset(run_dir, samples=12, seed=0):
 
 def test_origin_equals_plain_eval_mode_evaluation_and_repeats_bitwise(tiny_run, tmp_path):
     assert json.loads((tiny_run / "run.json").read_text())["config"]["dropout"] == 0.1
-    result = compute_surface(tiny_run, tmp_path / "s", grid=3, samples=12, seed=1, batch_size=5)
+    result = compute_surface(tiny_run, tmp_path / "s", grid=3, data=DataSelection(samples=12, seed=1, batch_size=5))
     loaded, subset = tiny_subset(tiny_run, samples=12, seed=1)
     loaded.model.train()  # evaluate_subset must switch dropout off by itself
     plain = evaluate_subset(loaded.model, subset)
     assert result.arrays["a"][1] == 0.0 and result.arrays["b"][1] == 0.0
     assert result.arrays["loss"][1, 1] == plain.loss
     assert result.arrays["metric"][1, 1] == plain.metric
-    again = compute_surface(tiny_run, tmp_path / "again", grid=3, samples=12, seed=1, batch_size=5)
+    again = compute_surface(tiny_run, tmp_path / "again", grid=3, data=DataSelection(samples=12, seed=1, batch_size=5))
     assert again.arrays["loss"].tobytes() == result.arrays["loss"].tobytes()
     assert loaded.model.training  # the model's own mode came back
 
@@ -128,8 +129,8 @@ def test_non_square_grid_matches_the_formula_at_the_labelled_coordinates(tmp_pat
     a, b = np.linspace(-1.0, 2.0, 7), np.linspace(-0.5, 1.5, 5)
     coefficients = [(float(a[i]), float(b[j])) for j in range(5) for i in range(7)]
     with CellEvaluator(model, subset, [d1, d2]) as evaluator:
-        result = _run_grid(out=tmp_path / "g", kind="surface", identity={"test": 1}, axes={"a": a, "b": b},
-                           shape=(5, 7), coefficients=coefficients, job=None, meta={}, existing=None,
+        result = _run_grid(job=AnalysisJob("surface", tmp_path / "g", {"test": 1}), axes={"a": a, "b": b},
+                           shape=(5, 7), coefficients=coefficients, grid_job=None, meta={},
                            executor=InProcessExecutor(evaluator), ray_address=None, workers=None, progress=False,
                            chunk_size=4)  # fmt: skip
     stored = load_result(tmp_path / "g")
@@ -144,7 +145,7 @@ def test_non_square_grid_matches_the_formula_at_the_labelled_coordinates(tmp_pat
 
 
 def test_interpolation_endpoints_are_the_two_checkpoints_exactly(tiny_run, tmp_path):
-    result = compute_interpolation(tiny_run, tmp_path / "i", points=3, samples=12)
+    result = compute_interpolation(tiny_run, tmp_path / "i", points=3, data=DataSelection(samples=12))
     assert list(result.arrays["alpha"]) == [-1.0, 0.0, 1.0]
     run = open_run(tiny_run)
     final = load_run_model(run, "final")
@@ -156,7 +157,7 @@ def test_interpolation_endpoints_are_the_two_checkpoints_exactly(tiny_run, tmp_p
 
 
 def test_interpolation_between_two_runs_reaches_the_other_run(tiny_run, tiny_sam_run, tmp_path):
-    result = compute_interpolation(tiny_run, tmp_path / "i", to=tiny_sam_run, points=3, samples=12)
+    result = compute_interpolation(tiny_run, tmp_path / "i", to=tiny_sam_run, points=3, data=DataSelection(samples=12))
     run = open_run(tiny_sam_run)
     other = load_run_model(run, "final")
     subset = select_subset(run, other.tokenizer, samples=12, seed=0)
@@ -172,14 +173,14 @@ def test_mismatched_checkpoints_give_a_clear_error(tiny_run, tmp_path):
     tensors["classifier.bias"] = torch.zeros(3)
     save_file(tensors, str(other / "final.safetensors"))
     with pytest.raises(CheckpointError, match=r"classifier\.(weight|bias).*shape"):
-        compute_interpolation(tiny_run, tmp_path / "i", to=other, points=3, samples=4)
+        compute_interpolation(tiny_run, tmp_path / "i", to=other, points=3, data=DataSelection(samples=4))
 
 
 # --- docs/pitfalls.md §8/9 and resumption ----------------------------------------------------------------------------
 
 
 def test_unfinished_cells_are_nan_and_not_done_and_a_rerun_completes_them(tiny_run, tmp_path, monkeypatch):
-    reference = compute_surface(tiny_run, tmp_path / "ref", grid=(4, 3), samples=8)
+    reference = compute_surface(tiny_run, tmp_path / "ref", grid=(4, 3), data=DataSelection(samples=8))
     calls = {"n": 0}
     real = evaluate_subset
 
@@ -191,7 +192,7 @@ def test_unfinished_cells_are_nan_and_not_done_and_a_rerun_completes_them(tiny_r
 
     monkeypatch.setattr("landscape.geometry.grids.evaluate_subset", dies_after_five)
     with pytest.raises(KeyboardInterrupt):
-        compute_surface(tiny_run, tmp_path / "s", grid=(4, 3), samples=8)
+        compute_surface(tiny_run, tmp_path / "s", grid=(4, 3), data=DataSelection(samples=8))
     partial = load_result(tmp_path / "s")
     assert not partial.meta["complete"] and partial.arrays["done"].sum() == 5
     assert np.isnan(partial.arrays["loss"][~partial.arrays["done"]]).all()
@@ -205,7 +206,7 @@ def test_unfinished_cells_are_nan_and_not_done_and_a_rerun_completes_them(tiny_r
         return real(model, subset)
 
     monkeypatch.setattr("landscape.geometry.grids.evaluate_subset", counting)
-    resumed = compute_surface(tiny_run, tmp_path / "s", grid=(4, 3), samples=8)
+    resumed = compute_surface(tiny_run, tmp_path / "s", grid=(4, 3), data=DataSelection(samples=8))
     assert counted["n"] == 12 - 5  # only the missing cells
     assert resumed.arrays["loss"].tobytes() == reference.arrays["loss"].tobytes()
     assert resumed.arrays["metric"].tobytes() == reference.arrays["metric"].tobytes()
@@ -246,9 +247,9 @@ def test_kill_9_then_rerun_gives_bitwise_the_uninterrupted_arrays(tiny_run, tmp_
 
 def test_serial_and_ray_give_identical_arrays(tiny_run, tmp_path):
     pytest.importorskip("ray", reason="Ray is an optional extra (pip install 'landscape[ray]')")
-    serial = compute_surface(tiny_run, tmp_path / "serial", grid=(3, 4), samples=12)
-    ray_result = compute_surface(tiny_run, tmp_path / "ray", grid=(3, 4), samples=12, executor="ray", workers=2,
-                                 chunk_size=2)  # fmt: skip
+    serial = compute_surface(tiny_run, tmp_path / "serial", grid=(3, 4), data=DataSelection(samples=12))
+    ray_result = compute_surface(tiny_run, tmp_path / "ray", grid=(3, 4), data=DataSelection(samples=12),
+                                 executor="ray", workers=2, chunk_size=2)  # fmt: skip
     assert ray_result.meta["executor"] == "ray" and ray_result.meta["complete"]
     for name in ("loss", "metric", "done"):
         assert ray_result.arrays[name].tobytes() == serial.arrays[name].tobytes(), name

@@ -1,0 +1,237 @@
+"""The ``hessian`` result of a run: top eigenvalues, trace and spectral density of the loss Hessian at its weights.
+
+The Hessian is that of the mean loss over a :class:`~landscape.models.jobs.DataSelection` of examples, in eval
+mode, for the parameters ``params`` selects (:func:`analyses.hessian.name_filter`), through
+:class:`analyses.hessian.HessianOperator` (native) or PyHessian (a cross-check backend: eigenvalues and Hutchinson
+trace only). The algorithms are :mod:`analyses.spectral`'s. ``docs/hessian.md`` describes the result.
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from analyses.hessian import HessianOperator, name_filter, pyhessian_eigenvalues, pyhessian_trace
+from analyses.spectral import (
+    broadened_density,
+    default_sigma,
+    density_grid,
+    hutchinson,
+    hutchpp,
+    lanczos,
+    lanczos_quadrature,
+)
+from landscape.core.errors import ConfigError
+from landscape.core.params import content_hash, model_parameters
+from landscape.core.results import Result
+from landscape.models.jobs import AnalysisJob, DataSelection
+from landscape.models.runs import evaluate_subset, load_run_model
+
+KIND = "hessian"
+BACKENDS = ("native", "pyhessian")
+TRACE_METHODS = ("hutchinson", "hutchpp", "both")
+
+
+@dataclass(frozen=True)
+class HessianOptions:
+    """What to compute. ``which``: LA (largest algebraic, the native default), SA, or LM (largest magnitude, the
+    only one PyHessian finds); ``tol``: an eigenpair is converged when ‖Hv − λv‖ ≤ tol·max(1, |λ|); ``max_iter``:
+    Lanczos steps (default max(2k + 20, 40); PyHessian: iterations per eigenvalue, 100); ``density_sigma``: the
+    Gaussian broadening in eigenvalue units (default 1 % of the nodes' range); ``method``: the Hessian-vector
+    product (``analyses.hessian.HVP_METHODS``)."""
+
+    top_k: int = 5
+    which: str | None = None
+    tol: float = 1e-3
+    max_iter: int | None = None
+    trace: bool = False
+    trace_method: str = "hutchinson"
+    trace_samples: int = 30
+    density: bool = False
+    density_steps: int = 80
+    density_vectors: int = 1
+    density_grid: int = 1000
+    density_sigma: float | None = None
+    backend: str = "native"
+    method: str = "auto"
+    params: str | None = None
+
+    def resolved_which(self) -> str:
+        """The ``which`` to use; refuses what the PyHessian backend cannot do."""
+        if self.backend not in BACKENDS:
+            raise ConfigError(f"backend must be one of {', '.join(BACKENDS)}, got {self.backend!r}")
+        if self.trace_method not in TRACE_METHODS:
+            raise ConfigError(f"trace method must be one of {', '.join(TRACE_METHODS)}, got {self.trace_method!r}")
+        if self.backend == "native":
+            return self.which or "LA"
+        if self.which not in (None, "LM"):
+            raise ConfigError(
+                f"--backend pyhessian finds largest-magnitude eigenvalues only (power iteration); "
+                f"got --which {self.which}, expected LM or --backend native"
+            )
+        if self.density:
+            raise ConfigError(
+                "--backend pyhessian has no working density: pyhessian 0.1 calls torch.eig, which PyTorch 2 "
+                "removed; use --backend native for --density"
+            )
+        if self.trace and self.trace_method != "hutchinson":
+            raise ConfigError(
+                f"--backend pyhessian has no Hutch++; got --trace-method {self.trace_method}, expected hutchinson"
+            )
+        return "LM"
+
+    def identity(
+        self, which: str, checkpoint: str, weights: str, data: DataSelection, described: dict[str, Any]
+    ) -> dict[str, Any]:
+        """Every parameter that determines the values of the result (the format results on disk were keyed by)."""
+        density_options = {
+            "steps": self.density_steps,
+            "vectors": self.density_vectors,
+            "grid": self.density_grid,
+            "sigma": self.density_sigma,
+        }
+        return {
+            "checkpoint_sha256": checkpoint,
+            "weights": weights,
+            "data": described,
+            "batch_size": data.batch_size,
+            "params": self.params,
+            "backend": self.backend,
+            "method": self.method,
+            "top_k": self.top_k,
+            "which": which,
+            "tol": self.tol,
+            "max_iter": self.max_iter,
+            "trace": {"method": self.trace_method, "samples": self.trace_samples} if self.trace else None,
+            "density": density_options if self.density else None,
+            "seed": data.seed,
+        }
+
+
+class _ShowProgress:
+    """The operator, printing the number of products done on stderr."""
+
+    def __init__(self, operator: HessianOperator):
+        self.operator, self.dim, self.device = operator, operator.dim, operator.device
+
+    def matvec(self, v):
+        out = self.operator.matvec(v)
+        print(f"\rHessian-vector products: {self.operator.matvecs}", end="", file=sys.stderr, flush=True)
+        return out
+
+
+def compute_hessian(
+    run_path: str | Path,
+    out: str | Path,
+    options: HessianOptions | None = None,
+    *,
+    data: DataSelection | None = None,
+    weights: str = "final",
+    overwrite: bool = False,
+    progress: bool = False,
+) -> tuple[Result, bool]:
+    """The ``hessian`` result of the run's ``weights``, saved to ``out``; returns ``(result, skipped)``.
+
+    ``data`` defaults to 128 dev examples drawn with seed 0 (the seed also draws the start and probe vectors).
+    A complete result of the same identity in ``out`` is returned as it is; one of other parameters raises
+    :class:`ConfigError` unless ``overwrite``. The model is loaded with eager attention (double backward).
+    """
+    options = options or HessianOptions()
+    data = data or DataSelection(split="dev", samples=128)
+    which = options.resolved_which()
+    parameter_filter = name_filter(options.params)
+    run = data.open_run(run_path)
+    loaded = load_run_model(run, weights, attn_implementation="eager")
+    model = loaded.model
+    subset = data.subset(run, loaded.tokenizer)
+    checkpoint = content_hash(model_parameters(model))
+    job = AnalysisJob(
+        KIND, out, options.identity(which, checkpoint, weights, data, subset.describe()), overwrite=overwrite
+    )
+    if job.complete is not None:
+        return job.complete, True
+
+    operator = HessianOperator(model, subset, parameter_filter=parameter_filter, method=options.method)
+    if options.top_k > operator.dim:
+        raise ConfigError(f"--top-k {options.top_k} exceeds the {operator.dim} selected parameters")
+    shown = _ShowProgress(operator) if progress else operator
+    arrays: dict[str, np.ndarray] = {}
+    meta: dict[str, Any] = {}
+    seed = data.seed
+    if options.backend == "native":
+        eigen = lanczos(
+            shown, options.top_k, which=which, max_iter=options.max_iter, tol=options.tol, seed=seed,
+            return_eigenvectors=False,
+        )  # fmt: skip
+        eigenvalues, residuals, converged = eigen.eigenvalues, eigen.residuals, eigen.converged
+    else:
+        eigenvalues, vectors = pyhessian_eigenvalues(
+            model, subset, options.top_k, parameter_filter=parameter_filter, max_iter=options.max_iter or 100,
+            tol=options.tol, seed=seed,
+        )  # fmt: skip
+        # Scored with our operator: the explicit residual of each returned pair.
+        residuals = np.array(
+            [float((operator.matvec(v) - value * v).norm()) for value, v in zip(eigenvalues, vectors, strict=True)]
+        )
+        converged = residuals <= options.tol * np.maximum(1.0, np.abs(eigenvalues))
+    arrays.update(eigenvalues=eigenvalues, residuals=residuals, converged=converged)
+
+    if options.trace:
+        if options.backend == "pyhessian":
+            estimate = pyhessian_trace(
+                model, subset, options.trace_samples, parameter_filter=parameter_filter, seed=seed
+            )
+        else:
+            wanted = options.trace_method != "hutchpp"
+            estimate = hutchinson(shown, options.trace_samples, seed=seed) if wanted else None
+        if estimate is not None:
+            arrays.update(trace=np.float64(estimate.mean), trace_se=np.float64(estimate.se))
+        if options.trace_method in ("hutchpp", "both"):
+            plus = hutchpp(shown, options.trace_samples, seed=seed)
+            arrays.update(hutchpp_trace=np.float64(plus.mean), hutchpp_trace_se=np.float64(plus.se))
+
+    if options.density:
+        nodes, node_weights = lanczos_quadrature(
+            shown, vectors=options.density_vectors, steps=options.density_steps, seed=seed
+        )
+        sigma = options.density_sigma or default_sigma(nodes)
+        grid = density_grid(nodes, sigma, options.density_grid)
+        arrays.update(
+            density_grid=grid,
+            density=broadened_density(nodes, node_weights, grid, sigma),
+            density_nodes=nodes,
+            density_weights=node_weights,
+        )
+        meta["density"] = {
+            "steps": options.density_steps,
+            "vectors": options.density_vectors,
+            "grid": options.density_grid,
+            "sigma": sigma,
+        }
+
+    if progress:
+        print(file=sys.stderr)
+    evaluation = evaluate_subset(model, subset)
+    meta.update(
+        run=run.describe(),
+        data=subset.describe(),
+        checkpoint_sha256=checkpoint,
+        weights=weights,
+        which=which,
+        top_k=options.top_k,
+        tol=options.tol,
+        backend=options.backend,
+        hvp_method=operator.method,
+        parameters={"pattern": options.params, "names": len(operator.parameter_names), "dim": operator.dim},
+        trace_method=options.trace_method if options.trace else None,
+        trace_samples=options.trace_samples if options.trace else None,
+        matvecs=operator.matvecs,
+        loss=evaluation.loss,
+        metric=evaluation.metric,
+        metric_name=evaluation.metric_name,
+    )
+    return job.save(arrays, meta), False
