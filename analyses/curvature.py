@@ -26,6 +26,7 @@ from analyses.spectral import (
     lanczos_quadrature,
 )
 from landscape.core.errors import ConfigError
+from landscape.core.locks import locks_output
 from landscape.core.params import content_hash, model_parameters
 from landscape.core.results import Result
 from landscape.models.jobs import AnalysisJob, DataSelection
@@ -124,6 +125,7 @@ class _ShowProgress:
         return out
 
 
+@locks_output()
 def compute_hessian(
     run_path: str | Path,
     out: str | Path,

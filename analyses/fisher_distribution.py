@@ -44,6 +44,7 @@ from analyses.fisher import (
     mask_iou,
 )
 from landscape.core.errors import CheckpointError, ConfigError
+from landscape.core.locks import locks_output
 from landscape.core.params import check_same_keys_and_shapes, content_hash, model_parameters
 from landscape.core.results import Result
 from landscape.models.jobs import AnalysisJob, DataSelection
@@ -234,6 +235,7 @@ def mask_overlap(
 # The fisher result of a run
 
 
+@locks_output()
 def compute_fisher(
     run_path: str | Path,
     out: str | Path,

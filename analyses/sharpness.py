@@ -39,6 +39,7 @@ from torch import nn
 from torch.func import grad_and_value, vmap
 
 from landscape.core.errors import ConfigError
+from landscape.core.locks import locks_output
 from landscape.core.params import Params, combine, content_hash, model_parameters, norm
 from landscape.core.results import Result
 from landscape.models.evaluation import batch_losses, example_loss_function, outputs_over
@@ -492,6 +493,7 @@ def _hessian_arrays(model, subset, top_k, trace_samples, seed, parameter_filter,
     return arrays
 
 
+@locks_output()
 def compute_sharpness(
     run_path: str | Path,
     out: str | Path,

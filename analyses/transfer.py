@@ -16,7 +16,6 @@ is saved after each finished target (``complete`` false, NaN and ``done`` False 
 from __future__ import annotations
 
 import shutil
-import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -26,10 +25,12 @@ import numpy as np
 
 from analyses.fisher import EmpiricalFisherMask
 from landscape.core.errors import ConfigError, DataError
+from landscape.core.locks import locks_output
 from landscape.core.params import content_hash
-from landscape.core.results import Result, resume_or_start, save_result
+from landscape.core.results import Result
 from landscape.core.rundir import has_run, is_complete, read_run_info
 from landscape.data.tasks import get_task, load_split, resolve_data_dir, task_names
+from landscape.models.jobs import AnalysisJob
 from landscape.models.runs import open_run
 from landscape.models.weights import read_safetensors
 from landscape.training.config import TrainConfig
@@ -154,6 +155,7 @@ def metric_value(metrics: dict[str, dict[str, dict[str, float | None]]], target:
     return np.nan if value is None else float(value)
 
 
+@locks_output()
 def transfer(
     source_run: str | Path,
     targets: str | Sequence[str] = DEFAULT_TARGETS,
@@ -170,7 +172,6 @@ def transfer(
     ``data_dir`` defaults to the source run's. A rerun with the same ``out`` and parameters resumes; other
     parameters are refused unless ``overwrite`` (which also deletes the runs under ``out/runs``).
     """
-    started = time.time()
     check_mode(mode)
     recipe = (recipe or TransferRecipe()).resolved(mode)
     names = parse_targets(targets)
@@ -193,15 +194,13 @@ def transfer(
         "mode": mode,
         "recipe": asdict(recipe),
     }
-    existing = resume_or_start(out, "transfer", identity, overwrite=overwrite)
-    if existing is None and overwrite:
+    job = AnalysisJob("transfer", out, identity, overwrite=overwrite)
+    if job.existing is None and overwrite:
         shutil.rmtree(out / "runs", ignore_errors=True)  # runs of the replaced result must not be resumed
-    previous_seconds = float(existing.meta.get("wall_time_s", 0.0)) if existing is not None else 0.0
-    metrics: dict[str, dict[str, dict[str, float]]] = {}
-    if existing is not None:
-        if existing.meta.get("complete"):
-            return existing
-        metrics = {k: v for k, v in existing.meta.get("runs", {}).items() if k in names}
+    if job.complete is not None:
+        return job.complete
+    existing_runs = {} if job.existing is None else job.existing.meta.get("runs", {})
+    metrics: dict[str, dict[str, dict[str, float]]] = {k: v for k, v in existing_runs.items() if k in names}
 
     def save(complete: bool) -> Result:
         primary = [get_task(name).primary_metric for name in names]
@@ -220,17 +219,14 @@ def transfer(
             "done": np.array([name in metrics for name in names], dtype=bool),
         }
         meta = {
-            "identity": identity,
-            "complete": complete,
             "source": source.describe(),
             "checkpoint_sha256": identity["source_sha256"],
             "mode": mode,
             "recipe": asdict(recipe),
             "data_dir": None if chosen_data is None else str(chosen_data),
             "runs": metrics,
-            "wall_time_s": previous_seconds + time.time() - started,
         }
-        return save_result(Result("transfer", arrays, meta), out)
+        return job.save(arrays, meta, complete=complete)
 
     result = save(complete=len(metrics) == len(names))
     for name in names:

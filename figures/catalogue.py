@@ -22,6 +22,7 @@ from figures.sources import Collection, collect, group_by_task
 from figures.style import FORMATS, save_figure, slug
 from figures.vtk import export_surface_vtk
 from landscape.core.errors import ConfigError
+from landscape.core.rundir import has_run
 
 
 @dataclass(frozen=True)
@@ -180,6 +181,11 @@ def write_figures(
     out_dir = Path(out_dir)
     if out_dir.exists() and not out_dir.is_dir():
         raise ConfigError(f"--out {out_dir} is a file; expected a folder for the figures")
+    if has_run(out_dir) or (out_dir / "meta.json").is_file():
+        raise ConfigError(
+            f"--out {out_dir} is a run or result directory; "
+            f"figures go to a folder of their own, e.g. {out_dir / 'figures'}"
+        )
     collection = paths if isinstance(paths, Collection) else collect(paths)
     out_dir.mkdir(parents=True, exist_ok=True)
     formats = tuple(formats)

@@ -37,6 +37,10 @@ figure img { width: 100%; } figcaption { font-size: 0.85em; color: #555; }
 """
 
 
+# Marks a page as written here, so that a rerun may replace it and nothing else is replaced without --overwrite.
+GENERATOR_TAG = '<meta name="generator" content="landscape report">'
+
+
 def format_value(value: Any) -> str:
     """Numbers with four significant digits (NaN written as such); anything else as text."""
     if isinstance(value, (bool, np.bool_)):
@@ -160,7 +164,7 @@ def render_report(collection: Collection, *, title: str = "Loss landscape report
     columns, rows = metrics_table(collection)
     parts = [
         "<!DOCTYPE html>",
-        '<html lang="en"><head><meta charset="utf-8">',
+        f'<html lang="en"><head><meta charset="utf-8">{GENERATOR_TAG}',
         f"<title>{html.escape(title)}</title><style>{STYLE}</style></head><body>",
         f"<h1>{html.escape(title)}</h1>",
         f"<p>Generated {datetime.now(timezone.utc).strftime('%Y-%m-%d %H:%M UTC')} from "
@@ -194,14 +198,35 @@ def render_report(collection: Collection, *, title: str = "Loss landscape report
     return "\n".join(parts)
 
 
-def build_report(
-    paths: Iterable[str | os.PathLike[str]], out: str | os.PathLike[str], *, title: str = "Loss landscape report"
-) -> Path:
-    """Read the run and result directories in ``paths`` and write the report page to ``out`` atomically."""
-    paths = [str(p) for p in paths]
-    out = Path(out)
+def check_report_target(out: Path, *, overwrite: bool) -> None:
+    """Refuse to write the report over anything but an earlier report (unless ``overwrite``) or into a run's files."""
     if out.is_dir():
         raise ConfigError(f"--out {out} is a directory; expected the HTML file to write, e.g. {out / 'report.html'}")
+    if out.suffix.lower() not in (".html", ".htm"):
+        raise ConfigError(f"--out {out} is not an .html file; expected the report's file name, e.g. report.html")
+    if out.exists() and not overwrite:
+        with open(out, "rb") as handle:
+            ours = GENERATOR_TAG.encode() in handle.read(4096)
+        if not ours:
+            raise ConfigError(
+                f"--out {out} exists and is not a report written by landscape; pass --overwrite to replace it"
+            )
+
+
+def build_report(
+    paths: Iterable[str | os.PathLike[str]],
+    out: str | os.PathLike[str],
+    *,
+    title: str = "Loss landscape report",
+    overwrite: bool = False,
+) -> Path:
+    """Read the run and result directories in ``paths`` and write the report page to ``out`` atomically.
+
+    An existing ``out`` is replaced only when it is a report this function wrote, or with ``overwrite``.
+    """
+    paths = [str(p) for p in paths]
+    out = Path(out)
+    check_report_target(out, overwrite=overwrite)
     collection = collect(paths)
     write_text(out, render_report(collection, title=title, sources=paths))
     return out

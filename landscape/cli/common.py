@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 
 from landscape.core.errors import ConfigError
@@ -65,6 +66,8 @@ def data_selection(args: argparse.Namespace) -> DataSelection:
 def check_range(values: list[float], flag: str) -> tuple[float, float]:
     """Two numbers ``A B`` with ``A < B`` given as ``flag``."""
     low, high = float(values[0]), float(values[1])
+    if not (math.isfinite(low) and math.isfinite(high)):
+        raise ConfigError(f"{flag} takes finite numbers, got {low} {high}")
     if not low < high:
         raise ConfigError(f"{flag} needs A < B, got {low} {high}")
     return low, high
@@ -85,4 +88,8 @@ def print_grid_summary(result, out) -> None:
     loss = np.asarray(result.arrays["loss"])
     finite = loss[done & np.isfinite(loss)]
     span = f", loss {finite.min():.4g} .. {finite.max():.4g}" if finite.size else ""
-    print(f"{result.kind} written to {out} ({int(done.sum())}/{done.size} cells{span})")
+    bad = int((done & ~np.isfinite(loss)).sum())
+    warning = (
+        f"; {bad} cells with a non-finite loss (NaN/inf): the surface leaves the model's stable region" if bad else ""
+    )
+    print(f"{result.kind} written to {out} ({int(done.sum())}/{done.size} cells{span}{warning})")

@@ -6,6 +6,7 @@ import argparse
 import json
 from pathlib import Path
 
+from landscape.cli.common import positive_int
 from landscape.core.errors import CheckpointError, ConfigError
 from landscape.core.rundir import find_run_dir, read_run_info
 from landscape.data.encoding import default_cache_dir, encode_split
@@ -29,7 +30,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--weights", choices=("final", "init"), default="final", help="which weights of a run")
     parser.add_argument("--split", choices=("dev", "train"), default="dev")
     parser.add_argument("--batch-size", type=int, default=64)
-    parser.add_argument("--max-length", type=int, help="default: the run's")
+    parser.add_argument("--max-length", type=positive_int, help="maximum tokens per example (default: the run's)")
     parser.add_argument("--json", action="store_true", help="print the metrics as JSON")
     parser.set_defaults(run=run)
 
@@ -61,7 +62,7 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError(f"{path} belongs to no run (no run.json); pass --task")
     if not model_name:
         raise ConfigError(f"{path} belongs to no run (no run.json); pass --model for its architecture")
-    max_length = args.max_length or run_config.get("max_length", 128)
+    max_length = args.max_length if args.max_length is not None else run_config.get("max_length", 128)
     task = get_task(task_name)
     data_dir = resolve_data_dir(args.data_dir or run_config.get("data_dir"))
     examples = load_split(task, args.split, data_dir)

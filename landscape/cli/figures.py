@@ -56,6 +56,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     )
     report.add_argument("--out", required=True, help="the HTML file to write, e.g. report.html")
     report.add_argument("--title", default="Loss landscape report", help="page title")
+    report.add_argument("--overwrite", action="store_true", help="replace --out even if it is not an earlier report")
     report.set_defaults(run=run_report)
 
 
@@ -74,5 +75,5 @@ def run_figures(args: argparse.Namespace) -> int:
 def run_report(args: argparse.Namespace) -> int:
     from figures.report import build_report
 
-    print(build_report(args.inputs, args.out, title=args.title))
+    print(build_report(args.inputs, args.out, title=args.title, overwrite=args.overwrite))
     return 0

@@ -14,6 +14,7 @@ from landscape.cli.common import (
     print_grid_summary,
 )
 from landscape.geometry.directions import NORMS
+from landscape.geometry.surface import MAX_CELLS
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -42,6 +43,12 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--batch-size", type=positive_int, default=32, help="evaluation batch size")
     add_data_arguments(parser, samples=256)
     add_executor_arguments(parser)
+    parser.add_argument(
+        "--max-cells",
+        type=positive_int,
+        default=MAX_CELLS,
+        help=f"refuse grids of more cells than this (default {MAX_CELLS:,})",
+    )
     add_output_arguments(parser)
     parser.set_defaults(run=run)
 
@@ -66,6 +73,7 @@ def run(args: argparse.Namespace) -> int:
         ray_address=args.ray_address,
         workers=args.workers,
         overwrite=args.overwrite,
+        max_cells=args.max_cells,
         progress=args.progress,
     )
     print_grid_summary(result, args.out)

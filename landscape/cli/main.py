@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import sys
 from collections.abc import Sequence
 
@@ -40,7 +41,16 @@ COMMANDS = (
 )
 
 
+# argparse takes "-1e-3", "-inf" or "-.5e2" for an option (its own pattern knows only -12 and -1.5), so that
+# `--lr -1e-3` fails with "expected one argument" instead of reaching the range check that names the value.
+NEGATIVE_NUMBER = re.compile(r"^-(?:(?:\d+\.?\d*|\.\d+)(?:[eE][+-]?\d+)?|inf|infinity|nan)$", re.IGNORECASE)
+
+
 class _Parser(argparse.ArgumentParser):
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self._negative_number_matcher = NEGATIVE_NUMBER
+
     def error(self, message: str) -> None:  # one line, exit status 2, as for every other user error
         self.exit(2, f"{self.prog}: error: {message}\n")
 
@@ -68,6 +78,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except BrokenPipeError:  # output piped into e.g. `head`, which closed early
         sys.stderr.close()
         return 0
+    except OSError as exc:  # a read-only --out, a full disk, a path that is a file: the user's environment
+        where = f" {exc.filename}" if exc.filename else ""
+        print(f"landscape {args.command}: error: cannot access{where}: {exc.strerror or exc}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print(f"landscape {args.command}: interrupted; rerun with --resume to continue", file=sys.stderr)
         return 130

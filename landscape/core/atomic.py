@@ -6,6 +6,7 @@ A reader (or a resumed run) therefore sees either the old file or the complete n
 from __future__ import annotations
 
 import json
+import math
 import os
 import tempfile
 from collections.abc import Callable
@@ -26,6 +27,7 @@ def atomic_path(path: str | os.PathLike[str]):
     os.chmod(tmp, 0o666 & ~_UMASK)
     try:
         yield tmp
+        os.chmod(tmp, 0o666 & ~_UMASK)  # again: a writer may have replaced the file (safetensors writes 0600)
         with open(tmp, "rb+") as handle:
             os.fsync(handle.fileno())
         os.replace(tmp, path)
@@ -53,7 +55,22 @@ def write_text(path: str | os.PathLike[str], text: str) -> None:
 
 
 def write_json(path: str | os.PathLike[str], obj: Any) -> None:
-    write_text(path, json.dumps(obj, indent=2, sort_keys=True, default=_json_default) + "\n")
+    """Write ``obj`` as JSON; NaN and ±inf (JSON has neither) are written as ``null``: the file always parses."""
+    text = json.dumps(finite_json(obj), indent=2, sort_keys=True, default=_json_default, allow_nan=False)
+    write_text(path, text + "\n")
+
+
+def finite_json(value: Any) -> Any:
+    """``value`` with every non-finite float (also numpy / torch scalars) replaced by None, recursively."""
+    if isinstance(value, dict):
+        return {key: finite_json(item) for key, item in value.items()}
+    if isinstance(value, list | tuple):
+        return [finite_json(item) for item in value]
+    if hasattr(value, "item") and getattr(value, "ndim", 0) == 0 and not isinstance(value, str):
+        value = value.item()
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
 
 
 def write_with(path: str | os.PathLike[str], writer: Callable[[Path], None]) -> None:

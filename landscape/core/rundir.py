@@ -23,6 +23,7 @@ CHECKPOINTS_DIR = "checkpoints"
 ANALYSES_DIR = "analyses"
 RUN_FILES = (RUN_FILE, INIT_WEIGHTS, FINAL_WEIGHTS, METRICS_FILE, CHECKPOINTS_DIR, ANALYSES_DIR)
 COMPLETED = "completed"
+DIVERGED = "diverged"  # the loss, weights or dev metrics became non-finite; see run.json's "diverged"
 
 
 def has_run(path: str | os.PathLike[str]) -> bool:

@@ -21,13 +21,11 @@ from typing import Any
 import numpy as np
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
 from torch import nn
 
-from landscape.core.atomic import write_with
 from landscape.core.errors import CheckpointError, ConfigError
 from landscape.core.params import Params, check_same_keys_and_shapes, dot, model_parameters
-from landscape.models.weights import read_safetensors
+from landscape.models.weights import read_safetensors, write_safetensors
 
 KINDS = ("linear", "embedding", "conv1d", "conv", "1d", "other")
 NORMS = ("filter", "layer", "model")
@@ -317,7 +315,7 @@ def save_directions(
         header = json.dumps({**metadata, "count": len(directions)}, sort_keys=True, allow_nan=False)
     except (TypeError, ValueError) as exc:
         raise ConfigError(f"direction metadata must be plain JSON (numbers, strings, lists, dicts): {exc}") from exc
-    write_with(path, lambda tmp: save_file(tensors, str(tmp), metadata={"format": "pt", METADATA_KEY: header}))
+    write_safetensors(path, tensors, {"format": "pt", METADATA_KEY: header})
 
 
 def load_directions(path: str | Path) -> tuple[list[Params], dict[str, Any]]:

@@ -9,6 +9,7 @@ independently of the others, so the values do not depend on the executor or on w
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager, contextmanager
@@ -93,7 +94,8 @@ class CellEvaluator:
         """``(loss, metric)`` at the cell (mean per-example loss, the task's primary metric)."""
         self.set_point(coefficients)
         result = evaluate_subset(self.model, self.subset)
-        return result.loss, result.metric
+        # Where the loss is NaN or infinite the logits are too: a metric of their argmax (MCC 0.0, say) is no value.
+        return result.loss, result.metric if math.isfinite(result.loss) else math.nan
 
 
 @dataclass(frozen=True)

@@ -22,6 +22,7 @@ import numpy as np
 import torch
 
 from landscape.core.errors import ConfigError
+from landscape.core.locks import locks_output
 from landscape.core.params import check_same_keys_and_shapes, content_hash
 from landscape.core.results import Result, new_grid
 from landscape.geometry.directions import (
@@ -39,6 +40,10 @@ from landscape.models.weights import read_safetensors
 
 DIRECTIONS_FILE = "directions.safetensors"
 ENDPOINTS = ("init", "run", "random")
+
+
+# A 200 x 200 surface: beyond it a typo (--grid 100000) is likelier than intent; --max-cells raises the bound.
+MAX_CELLS = 40_000
 
 
 def direction_seed(seed: int, k: int) -> int:
@@ -122,6 +127,15 @@ def _run_grid(
     return save(complete=bool(done.all()))
 
 
+def check_cells(cells: int, max_cells: int, what: str) -> None:
+    """Refuse, before anything is loaded or written, a grid of more than ``max_cells`` cells."""
+    if cells > max_cells:
+        raise ConfigError(
+            f"{what} is {cells:,} cells, more than --max-cells {max_cells:,} (each cell evaluates the whole "
+            "example subset); pass a larger --max-cells to compute it anyway"
+        )
+
+
 def _data_identity(run: Run, data: DataSelection) -> dict[str, Any]:
     """The data part of a grid's identity (the format grids on disk were keyed by)."""
     return {
@@ -135,6 +149,7 @@ def _data_identity(run: Run, data: DataSelection) -> dict[str, Any]:
     }
 
 
+@locks_output()
 def compute_surface(
     run_path: str | Path,
     out: str | Path,
@@ -154,6 +169,7 @@ def compute_surface(
     overwrite: bool = False,
     progress: bool = False,
     chunk_size: int | None = None,
+    max_cells: int = MAX_CELLS,
 ) -> Result:
     """Loss and metric of the run's ``weights`` on a 1-D (``dims=1``) or 2-D grid along random directions.
 
@@ -171,6 +187,7 @@ def compute_surface(
     if executor not in EXECUTORS:
         raise ConfigError(f"executor must be one of {', '.join(EXECUTORS)}, got {executor!r}")
     n_a, n_b = (grid, grid) if isinstance(grid, int) else (int(grid[0]), int(grid[1]))
+    check_cells(n_a * (n_b if dims == 2 else 1), max_cells, f"a {n_a} x {n_b} grid" if dims == 2 else f"{n_a} points")
     a = _linspace(range_a, n_a, "the range of a")
     b = _linspace(range_b or range_a, n_b, "the range of b") if dims == 2 else None
     out = Path(out)
@@ -259,6 +276,7 @@ def compute_surface(
     )
 
 
+@locks_output()
 def compute_interpolation(
     run_path: str | Path,
     out: str | Path,
@@ -276,6 +294,7 @@ def compute_interpolation(
     overwrite: bool = False,
     progress: bool = False,
     chunk_size: int | None = None,
+    max_cells: int = MAX_CELLS,
 ) -> Result:
     """``L(θ1 + α(θ1 − θ0))`` for ``points`` values of α in ``alpha_range`` (FSAM Fig. 5).
 
@@ -286,6 +305,7 @@ def compute_interpolation(
     """
     if to is not None and random:
         raise ConfigError("choose either another run (--to) or a random direction (--random), not both")
+    check_cells(points, max_cells, f"{points} points")
     alpha = _linspace(alpha_range, points, "--alpha")
     out = Path(out)
     data = data or DataSelection(split="dev", samples=256)

@@ -19,6 +19,7 @@ import numpy as np
 
 from landscape.core.errors import ConfigError
 from landscape.core.results import Result, resume_or_start, save_result
+from landscape.core.rundir import ANALYSES_DIR, RUN_FILE, has_run
 from landscape.models.runs import SPLITS, EvalSubset, Run, open_run, select_subset
 
 
@@ -73,6 +74,13 @@ class AnalysisJob:
     def __init__(self, kind: str, out: str | Path, identity: Mapping[str, Any], *, overwrite: bool = False) -> None:
         self.kind = kind
         self.out = Path(out)
+        if has_run(self.out):  # result files mixed into a run's own would be read back as neither
+            raise ConfigError(
+                f"--out {self.out} is a run directory (it holds {RUN_FILE}); write the {kind} result to a folder "
+                f"of its own, e.g. {self.out / ANALYSES_DIR / kind}"
+            )
+        if self.out.exists() and not self.out.is_dir():
+            raise ConfigError(f"--out {self.out} exists and is not a directory; expected a result directory")
         self.identity = dict(identity)
         self.existing: Result | None = resume_or_start(self.out, kind, self.identity, overwrite=overwrite)
         previous = 0.0 if self.existing is None else float(self.existing.meta.get("wall_time_s", 0.0))

@@ -36,6 +36,7 @@ def resolve_model_path(model: str) -> str:
     if path.exists():
         if not (path / "config.json").is_file():
             raise ConfigError(f"model folder {path} has no config.json; expected a Hugging Face model folder")
+        check_safetensors_weights(path)
         return str(path)
     looks_like_path = model.startswith((".", "/", "~")) or model.count("/") > 1
     if looks_like_path:
@@ -45,6 +46,22 @@ def resolve_model_path(model: str) -> str:
             f"model {model!r} is neither 'minilm' nor a local folder, and HF_HUB_OFFLINE=1 forbids the hub"
         )
     return model
+
+
+PICKLE_WEIGHTS = ("pytorch_model.bin", "pytorch_model.bin.index.json", "tf_model.h5", "flax_model.msgpack")
+
+
+def check_safetensors_weights(folder: Path) -> None:
+    """Refuse a model folder whose weights are not safetensors, without opening them (pickles can run code)."""
+    if any(folder.glob("*.safetensors")) or (folder / "model.safetensors.index.json").is_file():
+        return
+    found = [name for name in PICKLE_WEIGHTS if (folder / name).exists()]
+    if found:
+        raise ConfigError(
+            f"model folder {folder} holds {found[0]}, not safetensors weights; pickled weights are refused "
+            "without being opened (they can run code): convert them to model.safetensors with a tool you trust"
+        )
+    raise ConfigError(f"model folder {folder} holds no *.safetensors weights; expected a Hugging Face model folder")
 
 
 def quiet_transformers() -> None:
@@ -95,6 +112,7 @@ def load_model(
         "num_labels": task.num_labels,
         "problem_type": "regression" if task.is_regression else "single_label_classification",
         "output_loading_info": True,
+        "use_safetensors": True,  # a hub repository with only pickled weights is refused, not unpickled
     }
     if attn_implementation is not None:
         kwargs["attn_implementation"] = attn_implementation

@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import torch
@@ -24,7 +25,38 @@ PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
 def save_weights(path: str | Path, model: nn.Module, metadata: dict[str, str] | None = None) -> None:
     """Write the model's parameters to ``path`` (safetensors) atomically."""
     tensors = {name: param.detach().contiguous().clone() for name, param in model_parameters(model).items()}
-    write_with(path, lambda tmp: save_file(tensors, str(tmp), metadata={"format": "pt", **(metadata or {})}))
+    write_safetensors(path, tensors, {"format": "pt", **(metadata or {})})
+
+
+def write_safetensors(path: str | Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None) -> None:
+    """``safetensors.torch.save_file`` made atomic and deterministic: equal tensors and metadata give equal bytes.
+
+    The library writes the metadata in its hash map's order, which changes from one process to the next; the
+    header is rewritten in place with the metadata keys sorted (the same bytes, reordered: no offset moves).
+    """
+
+    def write(tmp: Path) -> None:
+        save_file(tensors, str(tmp), metadata=metadata)
+        sort_metadata_in_place(tmp)
+
+    write_with(path, write)
+
+
+def sort_metadata_in_place(path: Path) -> None:
+    """Rewrite a safetensors header with its ``__metadata__`` keys sorted; the tensors' entries keep their order."""
+    with open(path, "r+b") as handle:
+        length = int.from_bytes(handle.read(8), "little")
+        raw = handle.read(length)
+        header = json.loads(raw, object_pairs_hook=dict)
+        if "__metadata__" not in header:
+            return
+        header["__metadata__"] = dict(sorted(header["__metadata__"].items()))
+        text = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+        stripped = raw.rstrip(b" ")
+        if len(text) != len(stripped) or sorted(text) != sorted(stripped):
+            return  # not the compact layout this rewrite assumes: leave the file as the library wrote it
+        handle.seek(8)
+        handle.write(text.ljust(length, b" "))
 
 
 def read_safetensors(path: str | Path) -> dict[str, torch.Tensor]:

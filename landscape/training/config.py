@@ -6,6 +6,7 @@ earlier version (renamed options) so that old runs still resume, load and plot.
 
 from __future__ import annotations
 
+import math
 from dataclasses import MISSING, dataclass, fields, replace
 from pathlib import Path
 from typing import Any
@@ -14,6 +15,10 @@ from landscape.core.errors import ConfigError
 from landscape.data.tasks import get_task
 from optimizers.base import BASE_OPTIMIZERS
 from optimizers.variants import CORE_SETTINGS, SAM_VARIANTS, get_variant
+
+# A learning rate above this is a typo (1e39 overflows float32 weights at the first step); divergence at smaller
+# ones is caught by the loop, which stops and marks the run "diverged".
+MAX_LEARNING_RATE = 1e3
 
 #: options renamed since runs were first written: old name -> current name
 RENAMED_OPTIONS = {"beta": "delta_beta"}
@@ -119,6 +124,10 @@ class TrainConfig:
         return config
 
     def validate(self) -> None:
+        for field in fields(self):  # NaN passes every comparison below, and inf is no learning rate
+            value = getattr(self, field.name)
+            if isinstance(value, float) and not math.isfinite(value):
+                raise ConfigError(f"{field.name} must be a finite number, got {value}")
         positive = {
             "batch_size": self.batch_size,
             "max_length": self.max_length,
@@ -132,8 +141,8 @@ class TrainConfig:
                 raise ConfigError(f"{name} must be > 0, got {value}")
         if self.max_steps is not None and self.max_steps <= 0:
             raise ConfigError(f"max_steps must be > 0, got {self.max_steps}")
-        if self.lr is not None and not self.lr > 0:
-            raise ConfigError(f"lr must be > 0, got {self.lr}")
+        if self.lr is not None and not 0 < self.lr <= MAX_LEARNING_RATE:
+            raise ConfigError(f"lr must be in (0, {MAX_LEARNING_RATE:g}], got {self.lr}")
         if not 0 <= self.warmup_ratio < 1:
             raise ConfigError(f"warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
         if self.warmup_steps is not None and self.warmup_steps < 0:
@@ -159,6 +168,19 @@ class TrainConfig:
                 raise ConfigError(f"{name} must be > 0, got {getattr(self, name)}")
         if not isinstance(self.fisher_mode, str) or not self.fisher_mode:
             raise ConfigError(f"fisher_mode must be a non-empty name, got {self.fisher_mode!r}")
+        if not 0 <= self.momentum < 1:
+            raise ConfigError(f"momentum must be in [0, 1), got {self.momentum}")
+        for name in ("rho", "eta", "delta_beta", "gsam_alpha", "rho_min", "looksam_alpha"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}")
+        for name in ("esam_beta", "esam_gamma", "ascent_fraction"):
+            if not 0 < getattr(self, name) <= 1:
+                raise ConfigError(f"{name} must be in (0, 1], got {getattr(self, name)}")
+        if self.rho_min > self.rho:
+            raise ConfigError(f"rho_min must be <= rho = {self.rho}, got {self.rho_min}")
+        for name in ("m_sharpness", "looksam_k"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.uses_fisher_mask and self.sam == "none":
             raise ConfigError("fisher_mask needs a sharpness-aware variant (--sam); it masks the perturbation")
 

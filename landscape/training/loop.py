@@ -18,7 +18,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, NoReturn, Protocol
 
 import numpy as np
 import torch
@@ -27,8 +27,10 @@ from tqdm.auto import tqdm
 from landscape.core.atomic import write_json
 from landscape.core.config import config_dict
 from landscape.core.errors import ConfigError, LandscapeError
+from landscape.core.locks import LOCK_FILE, locked_output
 from landscape.core.provenance import environment_versions, git_revision
 from landscape.core.rundir import (
+    DIVERGED,
     FINAL_WEIGHTS,
     INIT_WEIGHTS,
     METRICS_FILE,
@@ -48,7 +50,7 @@ from landscape.models.weights import load_weights_into, save_weights
 from landscape.training.checkpoints import list_checkpoints, load_training_state, save_training_state
 from landscape.training.config import TrainConfig, comparable
 from landscape.training.init_from import freeze_all_but_head, load_encoder_from
-from optimizers import BatchClosure, SharpnessAware, make_base_optimizer, make_sharpness_optimizer
+from optimizers import BatchClosure, NonFiniteLossError, SharpnessAware, make_base_optimizer, make_sharpness_optimizer
 
 
 @dataclass(frozen=True)
@@ -137,14 +139,14 @@ def prepare_run_dir(run_dir: Path, config: TrainConfig, *, resume: bool, overwri
     """
     if resume and overwrite:
         raise ConfigError("--resume and --overwrite contradict each other; pass one")
-    if not run_dir.exists():
+    if not run_dir.exists() or (run_dir.is_dir() and {p.name for p in run_dir.iterdir()} <= {LOCK_FILE}):
         if resume:
             raise ConfigError(f"--resume: {run_dir} does not exist; there is no run to resume")
         return False
     if not run_dir.is_dir():
         raise ConfigError(f"output {run_dir} exists and is not a directory")
     if not has_run(run_dir):
-        foreign = [p.name for p in run_dir.iterdir() if p.name not in RUN_FILES]
+        foreign = [p.name for p in run_dir.iterdir() if p.name not in (*RUN_FILES, LOCK_FILE)]
         if foreign:
             raise ConfigError(
                 f"output directory {run_dir} is not empty and holds no run (e.g. {foreign[0]}); choose another --out"
@@ -165,6 +167,13 @@ def prepare_run_dir(run_dir: Path, config: TrainConfig, *, resume: bool, overwri
             f"output directory {run_dir} already holds a run; pass --resume to continue it or --overwrite to replace it"
         )
     previous = read_run_info(run_dir)
+    if previous.get("status") == DIVERGED:
+        where = previous.get("diverged", {})
+        raise ConfigError(
+            f"--resume: the run at {run_dir} diverged at step {where.get('step', '?')} "
+            f"({where.get('reason', 'non-finite values')}); with the same options it would again: "
+            "start a new --out with other options (a lower lr), or --overwrite"
+        )
     old, new = comparable(previous["config"]), comparable(config_dict(config))
     diff = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
     if diff:
@@ -190,10 +199,32 @@ def train(
     ``fisher`` builds FSAM's mask (needed when ``config.uses_fisher_mask``): ``analyses.fisher.EmpiricalFisherMask()``.
 
     ``stop_after_step`` interrupts the run (as a kill would) after that many steps; tests use it for resumption.
+    The run directory is locked for the whole call: a second process training into it is refused.
     """
-    started = time.time()
     config = config.resolved()
     check_mask_provider(config, fisher)
+    with locked_output(config.out):
+        return _train(
+            config,
+            resume=resume,
+            overwrite=overwrite,
+            progress=progress,
+            stop_after_step=stop_after_step,
+            fisher=fisher,
+        )
+
+
+def _train(
+    config: TrainConfig,
+    *,
+    resume: bool,
+    overwrite: bool,
+    progress: bool,
+    stop_after_step: int | None,
+    fisher: FisherMaskProvider | None,
+) -> TrainResult:
+    """:func:`train` once ``config`` is resolved and the run directory locked."""
+    started = time.time()
     run_dir = Path(config.out)
     data = prepare_data(config)
     resuming = prepare_run_dir(run_dir, config, resume=resume, overwrite=overwrite)
@@ -284,7 +315,16 @@ def train(
         indices = batch_indices(len(data.train), config.batch_size, config.seed, step)
         batch = collate(data.train, indices, data.pad_token_id)
         lr = optimizer.param_groups[0]["lr"]
-        losses = optimizer.step(batch_closure(model, batch))
+        try:
+            losses = optimizer.step(batch_closure(model, batch))
+        except NonFiniteLossError as exc:
+            bar.close()
+            diverged(run_dir, run_info, step + 1, f"the loss is not finite ({exc})", config, checkpoints_dir)
+        if not all(bool(torch.isfinite(p).all()) for p in model.parameters()):
+            bar.close()
+            diverged(
+                run_dir, run_info, step + 1, "the weights are not finite after the update", config, checkpoints_dir
+            )
         scheduler.step()
         train_seconds += time.perf_counter() - tick
         done = step + 1
@@ -327,6 +367,10 @@ def train(
     )
     eval_seconds = time.perf_counter() - tick
     log.append({"kind": "eval", "step": total_steps, "split": "dev", **dev_metrics})
+    if not all(math.isfinite(value) for value in dev_metrics.values()):
+        (run_dir / FINAL_WEIGHTS).unlink(missing_ok=True)
+        bad = ", ".join(f"{k} {v}" for k, v in dev_metrics.items() if not math.isfinite(v))
+        diverged(run_dir, run_info, total_steps, f"the dev metrics are not finite ({bad})", config, checkpoints_dir)
     run_info.update(
         status="completed",
         dev_metrics=dev_metrics,
@@ -412,6 +456,24 @@ def check_mask_provider(config: TrainConfig, fisher: FisherMaskProvider | None) 
         )
     if config.fisher_mode not in fisher.modes:
         raise ConfigError(f"fisher_mode {config.fisher_mode!r} is unknown; expected one of {', '.join(fisher.modes)}")
+
+
+class TrainingDiverged(LandscapeError):
+    """The loss, the weights or the dev metrics became NaN or infinite: the run stopped, marked ``diverged``."""
+
+
+def diverged(
+    run_dir: Path, run_info: dict[str, Any], step: int, reason: str, config: TrainConfig, checkpoints_dir: Path
+) -> NoReturn:
+    """Mark the run ``diverged`` in run.json (no final weights, checkpoints kept); raise :class:`TrainingDiverged`."""
+    found = list_checkpoints(checkpoints_dir)
+    kept = f"the last finite checkpoint is {found[-1]}" if found else "no checkpoint was written before it"
+    run_info.update(status=DIVERGED, diverged={"step": step, "reason": reason})
+    write_json(run_dir / RUN_FILE, run_info)
+    raise TrainingDiverged(
+        f"training diverged at step {step}: {reason}; lower the learning rate (lr {config.lr:g}) or check "
+        f"weight_decay / max_grad_norm; {kept}"
+    )
 
 
 class TrainingInterrupted(LandscapeError):

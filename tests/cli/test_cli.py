@@ -101,7 +101,7 @@ def test_bad_inputs_give_one_line_and_status_2(tiny_model_dir, tiny_data_dir, tm
     no_model = ["train", "--task", "sst2", "--model", str(tmp_path / "nomodel"), "--data-dir", str(tiny_data_dir)]
     assert_user_error(capsys, [*no_model, "--out", str(out)], "does not exist", out)
     assert_user_error(capsys, [*base, "--task", "sst2", "--batch-size", "0"], "batch_size must be > 0, got 0", out)
-    assert_user_error(capsys, [*base, "--task", "sst2", "--lr", "-1"], "lr must be > 0", out)
+    assert_user_error(capsys, [*base, "--task", "sst2", "--lr", "-1"], "lr must be in (0, 1000], got -1.0", out)
     assert_user_error(capsys, [*base, "--task", "sst2", "--max-length", "0"], "max_length must be > 0", out)
     assert_user_error(capsys, [*base, "--task", "sst2", "--train-fraction", "0.001"], "0 examples", out)
     assert_user_error(capsys, [*base, "--task", "sst2", "--train-fraction", "1.5"], "train_fraction", out)

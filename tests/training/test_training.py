@@ -48,7 +48,8 @@ def read_metrics(run_dir):
 def test_run_directory_contents(config):
     result = train(config, progress=False)
     run_dir = result.run_dir
-    assert {p.name for p in run_dir.iterdir()} == {"run.json", "init.safetensors", "final.safetensors", "metrics.jsonl"}
+    files = {"run.json", "init.safetensors", "final.safetensors", "metrics.jsonl", ".landscape.lock"}
+    assert {p.name for p in run_dir.iterdir()} == files  # the lock file stays: deleting it would race a second writer
     info = json.loads((run_dir / "run.json").read_text())
     assert info["status"] == "completed" and info["config"]["lr"] == 1e-3 and info["seed"] == 3
     assert info["versions"]["torch"] == torch.__version__
