@@ -307,7 +307,8 @@ def mask_statistics(mask: dict[str, torch.Tensor], previous: dict[str, torch.Ten
     return stats
 
 
-_LAYER_INDEX = re.compile(r"(?:^|\.)(?:layer|layers|h|block|blocks)\.(\d+)\.")
+# BERT's layer.N, GPT-2's h.N, ALBERT's albert_layers.N (one layer shared across depth), T5's block.N
+_LAYER_INDEX = re.compile(r"(?:^|\.)(?:\w+_)?(?:layer|layers|h|block|blocks)\.(\d+)\.")
 
 
 def layer_of(name: str) -> str:
@@ -317,7 +318,7 @@ def layer_of(name: str) -> str:
     if match:
         return f"layer.{match.group(1)}"
     parts = name.split(".")
-    backbones = {"bert", "roberta", "electra", "deberta", "distilbert", "model", "transformer", "encoder"}
+    backbones = {"bert", "roberta", "electra", "deberta", "distilbert", "albert", "model", "transformer", "encoder"}
     for part in parts[:-1]:
         if part not in backbones:
             return part

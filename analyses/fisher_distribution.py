@@ -12,13 +12,13 @@ fixed, seeded subset, in eval mode. From it (Zhong et al. 2022, FSAM §3.2 and t
 * the IoU ``|A∩B| / |A∪B|`` of the masks of two checkpoints or two runs (same examples), overall and per layer.
 
 Layers are :func:`analyses.fisher.layer_of` (``layer.<i>`` for transformer blocks, else ``embeddings``, ``pooler``,
-``classifier``…). Module types follow BERT's parameter names (BERT, RoBERTa, ELECTRA and MiniLM share them):
-``attention.self.{query,key,value}`` → ``attention.query/key/value``; ``attention.output.dense`` →
-``attention.output``; ``intermediate.dense`` and a block's ``output.dense`` → ``ffn``; ``embeddings.*`` →
-``embeddings``; any ``LayerNorm`` → ``layernorm``; ``classifier.*`` → ``classifier``; everything else → ``other``:
-BERT's pooler, and every parameter of an architecture that names its modules otherwise (GPT-2's fused ``c_attn``,
-DistilBERT's ``q_lin``, T5's ``SelfAttention.q``…) except its LayerNorms, embeddings and classifier where those
-words appear in the names.
+``classifier``…). Module types come from one table of name patterns per family (:data:`MODULE_PATTERNS`):
+BERT, RoBERTa, ELECTRA and MiniLM (``attention.self.query``, ``attention.output.dense``, ``intermediate.dense``),
+DeBERTa-v2/v3 (``query_proj``…), ALBERT (``attention.query``, ``attention.dense``, ``ffn``, ``ffn_output``),
+DistilBERT (``q_lin``, ``out_lin``, ``ffn.lin1``) and GPT-2 (the fused ``attn.c_attn`` → ``attention.qkv``,
+``attn.c_proj``, ``mlp.c_fc``); any LayerNorm (``LayerNorm``, ``layer_norm``, ``ln_1``) → ``layernorm``; token and
+position embeddings (``embeddings``, ``wte``, ``wpe``, ALBERT's projection) → ``embeddings``; the task head
+(``classifier``, ``pre_classifier``, GPT-2's ``score``) → ``classifier``; everything else (a pooler) → ``other``.
 """
 
 from __future__ import annotations
@@ -55,6 +55,7 @@ MODULE_TYPES = (
     "attention.query",
     "attention.key",
     "attention.value",
+    "attention.qkv",
     "attention.output",
     "ffn",
     "embeddings",
@@ -65,28 +66,31 @@ MODULE_TYPES = (
 QUANTILE_LEVELS = (0.0, 0.01, 0.1, 0.25, 0.5, 0.75, 0.9, 0.99, 1.0)
 DEFAULT_BINS = 60
 
-_ATTENTION = re.compile(r"(?:^|\.)attention\.self\.(query|key|value)\.")
-_ATTENTION_OUTPUT = re.compile(r"(?:^|\.)attention\.output\.dense\.")
-_FFN = re.compile(r"(?:^|\.)(?:intermediate\.dense|output\.dense)\.")
-_LAYERNORM = re.compile(r"layernorm|layer_norm", re.IGNORECASE)
+# (module type, pattern searched in the parameter name), first match wins; the families' spellings side by side.
+MODULE_PATTERNS: tuple[tuple[str, re.Pattern[str]], ...] = tuple(
+    (kind, re.compile(pattern, re.IGNORECASE))
+    for kind, pattern in (
+        ("layernorm", r"layernorm|layer_norm|(?:^|\.)ln_(?:\d|f)\."),
+        ("attention.query", r"(?:^|\.)attention\.(?:self\.)?(?:query|query_proj|q_lin)\."),
+        ("attention.key", r"(?:^|\.)attention\.(?:self\.)?(?:key|key_proj|k_lin)\."),
+        ("attention.value", r"(?:^|\.)attention\.(?:self\.)?(?:value|value_proj|v_lin)\."),
+        ("attention.qkv", r"(?:^|\.)attn\.c_attn\."),
+        (
+            "attention.output",
+            r"(?:^|\.)(?:attention\.output\.dense|attention\.out_lin|attention\.dense|attn\.c_proj)\.",
+        ),
+        ("ffn", r"(?:^|\.)(?:intermediate\.dense|output\.dense|ffn\.lin[12]|ffn|ffn_output|mlp\.c_fc|mlp\.c_proj)\."),
+        ("embeddings", r"(?:^|\.)(?:embeddings|wte|wpe|embedding_hidden_mapping_in)\."),
+        ("classifier", r"(?:^|\.)(?:classifier|pre_classifier|score)\."),
+    )
+)
 
 
 def module_type(name: str) -> str:
-    """The module type of a parameter from its BERT-style name (one of :data:`MODULE_TYPES`; see the module doc)."""
-    if _LAYERNORM.search(name):
-        return "layernorm"
-    match = _ATTENTION.search(name)
-    if match:
-        return f"attention.{match.group(1)}"
-    if _ATTENTION_OUTPUT.search(name):
-        return "attention.output"
-    if _FFN.search(name):
-        return "ffn"
-    parts = name.split(".")
-    if "embeddings" in parts:
-        return "embeddings"
-    if "classifier" in parts:
-        return "classifier"
+    """The module type of a parameter from its name (one of :data:`MODULE_TYPES`; see the module doc)."""
+    for kind, pattern in MODULE_PATTERNS:
+        if pattern.search(name):
+            return kind
     return "other"
 
 

@@ -245,8 +245,8 @@ class _PackedModel(nn.Module):
         return self.model(**{key: packed[:, i] for i, key in enumerate(self.keys)}).logits
 
 
-def _pack(batch: Batch) -> tuple[torch.Tensor, tuple[str, ...]]:
-    inputs = model_inputs(batch)
+def _pack(batch: Batch, model: nn.Module) -> tuple[torch.Tensor, tuple[str, ...]]:
+    inputs = model_inputs(batch, model)
     keys = tuple(inputs)
     return torch.stack([inputs[key] for key in keys], dim=1), keys
 
@@ -275,7 +275,7 @@ def _pyhessian_session(
         for name, p in parameters.items():
             p.requires_grad_(parameter_filter is None or parameter_filter(name))
             p.grad = None
-        packed = [(_pack(batch), batch["labels"]) for batch in batches]
+        packed = [(_pack(batch, model), batch["labels"]) for batch in batches]
         wrapper = _PackedModel(model, packed[0][0][1])
 
         def criterion(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

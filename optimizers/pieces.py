@@ -26,6 +26,8 @@ from typing import Any, ClassVar
 
 import torch
 
+from optimizers import rng
+
 
 @dataclass
 class Ascent:
@@ -49,6 +51,8 @@ class Piece:
 
     #: hyperparameter name -> default; installed in every parameter group that lacks it.
     hyperparameters: ClassVar[dict[str, float]] = {}
+    #: constructor options (not schedulable: they choose a form, not a value), set from settings of these names
+    options: ClassVar[tuple[str, ...]] = ()
 
     def check(self, group: Mapping[str, Any]) -> None:
         """Raise ``ValueError`` naming a hyperparameter of ``group`` that is out of range."""
@@ -67,6 +71,10 @@ class Piece:
     def instance_weights(self, probe: torch.Tensor, losses: torch.Tensor, group: Mapping[str, Any]) -> torch.Tensor:
         """The ascent's per-example weights, shape [B'], from the probe and the losses at w (both detached)."""
         raise NotImplementedError
+
+    def statistics(self, weights: torch.Tensor) -> dict[str, float]:
+        """Numbers about the weights for the step's log (``StepReport.extra``)."""
+        return {}
 
     def ascent(self, ascent: Ascent) -> None:
         """Transform ``ascent.numerators`` / ``ascent.norm_terms`` (see :class:`Ascent`)."""
@@ -101,9 +109,17 @@ def _in_range(group: Mapping[str, Any], name: str, low: float, high: float, *, l
 
 
 class WeightScaled(Piece):
-    """ASAM (Kwon et al. 2021): the perturbation region scales with the weights, T = abs(w) + η (η = ``eta``)."""
+    """ASAM (Kwon et al. 2021): the perturbation region scales with the weights, T = abs(w) + η (η = ``eta``).
+
+    ``exempt_biases``: as the authors' code, only parameters whose name contains ``weight`` are scaled; the others
+    (biases) keep T = 1. By default every parameter is scaled, as the paper's T_w writes it.
+    """
 
     hyperparameters: ClassVar[dict[str, float]] = {"eta": 0.01}
+    options: ClassVar[tuple[str, ...]] = ("asam_exempt_biases",)
+
+    def __init__(self, *, asam_exempt_biases: bool = False) -> None:
+        self.exempt_biases = asam_exempt_biases
 
     def check(self, group):
         if not group["eta"] >= 0:
@@ -113,6 +129,12 @@ class WeightScaled(Piece):
         for i, (param, numerator) in enumerate(zip(ascent.params, ascent.numerators, strict=True)):
             if numerator is None:
                 continue
+            if self.exempt_biases:
+                name = ascent.names[i]
+                if name is None:
+                    raise ValueError("asam_exempt_biases needs the parameters' names: pass named_parameters=")
+                if "weight" not in name:
+                    continue
             scale = param.detach().abs() + ascent.groups[i]["eta"]
             numerator.mul_(scale).mul_(scale)
             ascent.norm_terms[i] = ascent.norm_terms[i] * scale
@@ -125,6 +147,8 @@ class FisherMask(Piece):
     nothing, and parameters without a mask entry are not perturbed. ``exact_rho`` masks the norm too, so ‖ε‖ = ρ
     instead of Eq. 6's ‖ε‖ ≤ ρ.
     """
+
+    options: ClassVar[tuple[str, ...]] = ("exact_rho",)
 
     def __init__(self, *, exact_rho: bool = False) -> None:
         self.exact_rho = exact_rho
@@ -291,9 +315,25 @@ class LookAhead(Piece):
 
 class InstanceReweighting(Piece):
     """δ-SAM (Eqs. 3–6): the ascent descends Σ g'_i l_i instead of the mean, with g'_i from the loss changes
-    a_i = l_i(w + ρ ê/‖ê‖) − l_i(w) under one random Gaussian direction ê (β = ``delta_beta``)."""
+    a_i = l_i(w + ρ ê/‖ê‖) − l_i(w) under one random Gaussian direction ê (β = ``delta_beta``).
+
+    Dropout: the probe forward at w + ρê/‖ê‖ and the ascent forward at w draw the *same* dropout masks (the RNG
+    state is replayed), so a_i measures the weight perturbation and not the difference of two masks, which on a
+    tiny BERT with dropout 0.1 was ~20 times larger. ``delta_weights``: ``"clipped"`` (default) sets the negative
+    g'_i that Eq. 6 gives when r > 1 to 0 and renormalises to Σ g' = 1, since a reweighted risk needs weights ≥ 0;
+    ``"literal"`` keeps Eq. 6 as printed. The fraction of negative g'_i before clipping is logged every step.
+    """
 
     hyperparameters: ClassVar[dict[str, float]] = {"delta_beta": 5.0}
+    options: ClassVar[tuple[str, ...]] = ("delta_weights",)
+    WEIGHTINGS = ("clipped", "literal")
+
+    def __init__(self, *, delta_weights: str = "clipped") -> None:
+        if delta_weights not in self.WEIGHTINGS:
+            raise ValueError(f"delta_weights must be one of {', '.join(self.WEIGHTINGS)}, got {delta_weights!r}")
+        self.clipped = delta_weights == "clipped"
+        self._negative = 0.0
+        self.guardedness: torch.Tensor | None = None  # the last step's a_j, for logs and tests
 
     def check(self, group):
         if not group["delta_beta"] >= 0:
@@ -301,15 +341,27 @@ class InstanceReweighting(Piece):
 
     def instance_probe(self, optimizer, closure, chunk):
         params = optimizer.parameters()
-        rho = optimizer.radius(optimizer.param_groups[0])
+        radius = optimizer.radius(optimizer.param_groups[0])
         directions = [torch.randn(p.shape, generator=optimizer.generator, dtype=p.dtype).to(p.device) for p in params]
         norm = global_norm(directions)
-        epsilon = [rho * d / norm for d in directions] if norm > 0 else [None] * len(params)
+        epsilon = [radius * d / norm for d in directions] if norm > 0 else [None] * len(params)
+        masks = rng.snapshot(params)
         with optimizer.perturbed(params, epsilon):
-            return closure(chunk).detach()
+            probe = closure(chunk).detach()
+        rng.restore(masks)  # the ascent forward at w, next, draws the probe's dropout masks
+        return probe
 
     def instance_weights(self, probe, losses, group):
-        return delta_sam_weights(probe - losses, group["delta_beta"])
+        self.guardedness = probe - losses
+        weights = delta_sam_weights(self.guardedness, group["delta_beta"])
+        self._negative = float((weights < 0).double().mean())
+        if self.clipped and self._negative > 0:
+            weights = weights.clamp(min=0)
+            weights = weights / weights.sum()
+        return weights
+
+    def statistics(self, weights):
+        return {"negative_weight_fraction": self._negative}
 
 
 def delta_sam_weights(guardedness: torch.Tensor, beta: float) -> torch.Tensor:

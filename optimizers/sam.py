@@ -30,6 +30,7 @@ from typing import Any
 
 import torch
 
+from optimizers import rng
 from optimizers.closure import ClosureOptimizer
 from optimizers.pieces import Ascent, FisherMask, Piece, global_norm
 from optimizers.variants import CORE_SETTINGS, VARIANTS, get_variant
@@ -285,13 +286,14 @@ class SharpnessAware(ClosureOptimizer):
             # that forward's autograd graph. Its losses at w are the ascent's own, so the probe is its only cost.
             weighting = [(piece, piece.instance_probe(self, closure, chunk)) for piece in self.pieces]
             weighting = [(piece, probe) for piece, probe in weighting if probe is not None]
-            rng_before = torch.get_rng_state() if self.same_dropout else None
+            rng_before = rng.snapshot(params) if self.same_dropout else None
             losses = self.evaluate(lambda chunk=chunk: closure(chunk))
             losses_at_w.append(losses.detach())
             report.ascent_examples += losses.numel()
             weights = None
             for piece, probe in weighting:
                 weights = piece.instance_weights(probe, losses.detach(), first_group)
+                report.extra.update(piece.statistics(weights))
             report.instance_weights = weights
             with torch.enable_grad():
                 (losses.mean() if weights is None else (weights * losses).sum()).backward()
@@ -310,7 +312,7 @@ class SharpnessAware(ClosureOptimizer):
             with self.perturbed(params, epsilon):
                 self.zero_grad(set_to_none=True)
                 if rng_before is not None:
-                    torch.set_rng_state(rng_before)
+                    rng.restore(rng_before)
                 perturbed = self.evaluate(lambda descent_chunk=descent_chunk: closure(descent_chunk))
                 selected = None
                 for piece in self.pieces:
@@ -366,10 +368,11 @@ def make_sharpness_optimizer(
 ) -> ClosureOptimizer:
     """Wrap ``base`` as the registry's ``variant`` (:data:`optimizers.variants.VARIANTS`).
 
-    ``settings`` are the core's (``rho``, ``ascent_fraction``, ``m_sharpness``, ``exact_rho``, ``same_dropout``)
-    and the pieces' hyperparameters (``eta``, ``esam_beta``, ``esam_gamma``, ``gsam_alpha``, ``rho_min``,
-    ``delta_beta``, ``looksam_k``, ``looksam_alpha``). One the variant does not read (``esam_beta`` for SAM) is
-    ignored, so a caller can hand one full configuration to any variant; a name that is nobody's is refused.
+    ``settings`` are the core's (``rho``, ``ascent_fraction``, ``m_sharpness``, ``same_dropout``), the pieces'
+    hyperparameters (``eta``, ``esam_beta``, ``esam_gamma``, ``gsam_alpha``, ``rho_min``, ``delta_beta``,
+    ``looksam_k``, ``looksam_alpha``) and their options (``exact_rho``, ``asam_exempt_biases``, ``delta_weights``).
+    One the variant does not read (``esam_beta`` for SAM) is ignored, so a caller can hand one full configuration
+    to any variant; a name that is nobody's is refused.
     """
     from optimizers import pieces as available
 
@@ -383,9 +386,11 @@ def make_sharpness_optimizer(
     built = []
     for name in entry.pieces:
         cls = getattr(available, name)
-        built.append(cls(exact_rho=bool(settings.get("exact_rho", False))) if cls is FisherMask else cls())
-    chosen = {name: settings[name] for name in (*CORE_SETTINGS, *entry.settings) if name in settings}
-    chosen.pop("exact_rho", None)
+        built.append(cls(**{option: settings[option] for option in cls.options if option in settings}))
+    options = {option for name in entry.pieces for option in getattr(available, name).options}
+    chosen = {
+        name: settings[name] for name in (*CORE_SETTINGS, *entry.settings) if name in settings and name not in options
+    }
     return SharpnessAware(
         base, built, seed=seed, max_grad_norm=max_grad_norm, named_parameters=named_parameters, **chosen
     )

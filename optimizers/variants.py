@@ -15,8 +15,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-#: settings of the core that every variant accepts, besides its pieces' hyperparameters
-CORE_SETTINGS = ("rho", "ascent_fraction", "m_sharpness", "exact_rho", "same_dropout")
+#: settings of the core that every variant accepts, besides its pieces' hyperparameters and options
+CORE_SETTINGS = ("rho", "ascent_fraction", "m_sharpness", "same_dropout")
 
 
 @dataclass(frozen=True)
@@ -33,13 +33,15 @@ class Variant:
     colour: str
     pieces: tuple[str, ...] | None  # None: the base optimizer alone
     mask: bool = False
+    same_dropout: bool = False  # the trainer's default: replay the ascent's dropout masks in the descent pass
 
     @property
     def settings(self) -> tuple[str, ...]:
-        """Names of the hyperparameters its pieces declare, in order (imports torch: the pieces are tensors code)."""
+        """Names of its pieces' hyperparameters and options, in order (imports torch: the pieces are tensor code)."""
         from optimizers import pieces
 
-        return tuple(name for piece in self.pieces or () for name in getattr(pieces, piece).hyperparameters)
+        classes = [getattr(pieces, piece) for piece in self.pieces or ()]
+        return tuple(name for cls in classes for name in (*cls.hyperparameters, *cls.options))
 
 
 VARIANTS: dict[str, Variant] = {
@@ -48,7 +50,16 @@ VARIANTS: dict[str, Variant] = {
         Variant("none", "base optimizer", "", "#000000", None),
         Variant("sam", "SAM", "Foret et al. 2021", "#0072B2", ("FisherMask",)),
         Variant("asam", "ASAM", "Kwon et al. 2021", "#E69F00", ("WeightScaled", "FisherMask")),
-        Variant("esam", "ESAM", "Du et al. 2022", "#56B4E9", ("FisherMask", "BernoulliKeep", "DataSelection")),
+        # ESAM selects the examples whose loss rose most from w to w + ε: with two dropout masks, that is mostly
+        # the masks' difference, so its two passes share them by default.
+        Variant(
+            "esam",
+            "ESAM",
+            "Du et al. 2022",
+            "#56B4E9",
+            ("FisherMask", "BernoulliKeep", "DataSelection"),
+            same_dropout=True,
+        ),
         Variant("gsam", "GSAM", "Zhuang et al. 2022", "#CC79A7", ("FisherMask", "SurrogateGap")),
         Variant("fsam", "FSAM", "Zhong et al. 2022", "#D55E00", ("FisherMask",), mask=True),
         Variant("delta-sam", "δ-SAM", "Zhou et al. 2022", "#009E73", ("InstanceReweighting", "FisherMask")),

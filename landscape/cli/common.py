@@ -11,6 +11,11 @@ from landscape.geometry.grids import EXECUTORS
 from landscape.models.jobs import DataSelection
 from landscape.models.runs import SPLITS
 
+RUN_HELP = (
+    "run directory written by landscape train, or a model checkpoint: a Hugging Face folder (save_pretrained, "
+    "safetensors), a Trainer checkpoint-N/ folder or a hub name; a checkpoint needs --task"
+)
+
 
 def positive_int(text: str) -> int:
     """argparse type: an integer > 0 (the message names the bad value)."""

@@ -57,7 +57,9 @@ def run(args: argparse.Namespace) -> int:
     run_dir = find_run_dir(path)
     run_config = read_run_info(run_dir)["config"] if run_dir else {}
     task_name = args.task or run_config.get("task")
-    model_name = args.model or run_config.get("model")
+    # A Hugging Face folder (save_pretrained, a Trainer checkpoint-N/) is its own architecture
+    own_folder = str(path) if path.is_dir() and (path / "config.json").is_file() and not run_dir else None
+    model_name = args.model or run_config.get("model") or own_folder
     if not task_name:
         raise ConfigError(f"{path} belongs to no run (no run.json); pass --task")
     if not model_name:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from landscape.cli.common import add_data_arguments, add_output_arguments, data_selection, positive_int
+from landscape.cli.common import RUN_HELP, add_data_arguments, add_output_arguments, data_selection, positive_int
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -15,7 +15,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         "weights on a seeded subset: log10 histograms and quantiles per layer and module type, the share of the "
         "top-(1-s) mask in each layer, and with --compare the mask IoU with another run or checkpoint.",
     )
-    parser.add_argument("run_dir", metavar="RUN", help="run directory written by landscape train")
+    parser.add_argument("run_dir", metavar="RUN", help=RUN_HELP)
     parser.add_argument(
         "--sparsity", type=float, default=0.9, help="FSAM sparsity s: the mask keeps 1 - s (default 0.9)"
     )

@@ -8,7 +8,7 @@ import math
 from analyses.curvature import BACKENDS, TRACE_METHODS, HessianOptions, compute_hessian
 from analyses.hessian import HVP_METHODS
 from analyses.spectral import WHICH
-from landscape.cli.common import add_data_arguments, add_output_arguments, data_selection, positive_int
+from landscape.cli.common import RUN_HELP, add_data_arguments, add_output_arguments, data_selection, positive_int
 from landscape.models.runs import WEIGHTS
 
 
@@ -31,7 +31,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         "weights: top-k eigenvalues by Lanczos with explicit residuals, Hutchinson / Hutch++ trace, and the spectral "
         "density by stochastic Lanczos quadrature. The model is loaded with eager attention (double backward).",
     )
-    parser.add_argument("run_dir", metavar="RUN", help="run directory written by landscape train")
+    parser.add_argument("run_dir", metavar="RUN", help=RUN_HELP)
     parser.add_argument("--weights", choices=WEIGHTS, default="final", help="final (θ1, default) or init (θ0)")
     parser.add_argument("--top-k", type=positive_int, default=5, help="number of eigenvalues (default 5)")
     parser.add_argument(

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 
 from landscape.cli.common import (
+    RUN_HELP,
     add_data_arguments,
     add_executor_arguments,
     add_output_arguments,
@@ -24,8 +25,11 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         description="Loss and metric along θ(α) = θ1 + α(θ1 − θ0): θ1 is the run's final weights, θ0 its "
         "init.safetensors (α = -1), or --to RUN2's final weights, or a random direction (--random).",
     )
+    parser.add_argument("run_dir", metavar="RUN", help=RUN_HELP + " (θ1 = its final weights)")
     parser.add_argument(
-        "run_dir", metavar="RUN", help="run directory written by landscape train (θ1 = its final weights)"
+        "--init",
+        metavar="MODEL",
+        help="for a model checkpoint: θ0 = this pretrained model (folder or hub name) with a fresh head seeded by 0",
     )
     parser.add_argument("--to", metavar="RUN2", help="θ0 = the final weights of RUN2 (same architecture and head)")
     parser.add_argument("--random", action="store_true", help="a seeded random direction instead of θ1 − θ0")
@@ -69,6 +73,7 @@ def run(args: argparse.Namespace) -> int:
         norm=args.norm,
         ignore_1d=args.ignore_1d,
         data=data_selection(args),
+        init=args.init,
         executor=args.executor,
         ray_address=args.ray_address,
         workers=args.workers,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import math
 
-from landscape.cli.common import add_data_arguments, add_output_arguments, data_selection, positive_int
+from landscape.cli.common import RUN_HELP, add_data_arguments, add_output_arguments, data_selection, positive_int
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -17,7 +17,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         "per-instance sharpness (delta-SAM), and optionally the Hessian's top eigenvalues and trace, on a fixed "
         "seeded subset in eval mode. Conventions: docs/sharpness.md.",
     )
-    parser.add_argument("run_dir", metavar="RUN", help="run directory written by landscape train")
+    parser.add_argument("run_dir", metavar="RUN", help=RUN_HELP)
     parser.add_argument(
         "--rho",
         type=float,

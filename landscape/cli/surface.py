@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 
 from landscape.cli.common import (
+    RUN_HELP,
     add_data_arguments,
     add_executor_arguments,
     add_output_arguments,
@@ -24,7 +25,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         description="Loss and the task's metric at θ + a·d1 (+ b·d2) for the run's final weights θ, along seeded "
         "filter-normalised Gaussian directions (Li et al. 2018). Resumable: rerun with the same --out.",
     )
-    parser.add_argument("run_dir", metavar="RUN", help="run directory written by landscape train")
+    parser.add_argument("run_dir", metavar="RUN", help=RUN_HELP)
     parser.add_argument("--dims", type=int, choices=(1, 2), default=2, help="1-D line or 2-D grid (default 2)")
     parser.add_argument(
         "--grid",

@@ -8,8 +8,11 @@ import json
 
 from analyses.fisher import FISHER_MODES, EmpiricalFisherMask
 from landscape.core.config import build_config, load_yaml, parse_overrides
+from landscape.core.errors import ConfigError
+from landscape.data.tasks import get_task
 from landscape.training.config import TrainConfig, refuse_renamed
 from landscape.training.loop import train
+from landscape.training.recipes import RECIPES, recipe_options
 from optimizers.base import BASE_OPTIMIZERS
 from optimizers.variants import SAM_VARIANTS, VARIANTS
 
@@ -43,7 +46,8 @@ HELP = {
     "ascent_fraction": "efficient SAM: ascent gradient from this fraction of the batch",
     "m_sharpness": "m disjoint ascent micro-batches, descent gradients averaged",
     "exact_rho": "Fisher mask: normalise after masking so ||eps|| = rho (default: FSAM Eq. 6, ||eps|| <= rho)",
-    "same_dropout": "replay the ascent pass's dropout masks in the descent pass",
+    "same_dropout": "replay the ascent pass's dropout masks in the descent pass (default: on for ESAM, whose "
+    "selection compares the two passes' losses; off for the others)",
     "sparsity": "FSAM s: perturb only the top (1 - s) of coordinates by empirical Fisher",
     "mask_interval": "FSAM F_i: refresh the Fisher mask every N steps",
     "fisher_samples": "FSAM N_Fisher: training examples per Fisher estimate",
@@ -56,11 +60,23 @@ HELP = {
     "esam_gamma": "ESAM: fraction of the batch used for the descent",
     "looksam_k": "LookSAM: one SAM step every k steps, the reused direction in between",
     "looksam_alpha": "LookSAM: weight alpha of the reused orthogonal direction",
+    "delta_weights": "delta-SAM: Eq. 6 weights clipped at 0 and renormalised (default), or literal (may be < 0)",
+    "asam_exempt_biases": "ASAM: scale only parameters named *weight*, as the authors' code (default: all)",
+    "recipe": "a paper's preset for the task: fsam (FSAM 4.2 / Table 10), delta-sam (delta-SAM Table 3), "
+    "bahri (efficient SAM, Alg. 1); options you set win",
+    "adam_beta1": "Adam / AdamW / AMSGrad beta1 (FSAM Table 9: 0)",
+    "adam_beta2": "Adam / AdamW / AMSGrad beta2",
     "init_from": "start from the encoder of this .safetensors file or run directory (its final weights); "
     "the head is this task's fresh, seeded one",
     "freeze_encoder": "linear probe: train the classification head only (the encoder is frozen, in eval mode)",
 }
-CHOICES = {"optimizer": BASE_OPTIMIZERS, "sam": SAM_VARIANTS, "fisher_mode": FISHER_MODES}
+CHOICES = {
+    "optimizer": BASE_OPTIMIZERS,
+    "sam": SAM_VARIANTS,
+    "fisher_mode": FISHER_MODES,
+    "recipe": RECIPES,
+    "delta_weights": ("clipped", "literal"),
+}
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -104,7 +120,18 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
     refuse_renamed(from_file)
     refuse_renamed(overrides)
     flags = {name: getattr(args, name) for name in names}
-    return build_config(TrainConfig, from_file, flags, overrides)
+    given = {
+        key: value for source in (from_file, flags, overrides) for key, value in source.items() if value is not None
+    }
+    recipe = given.get("recipe")
+    if recipe is None:
+        return build_config(TrainConfig, from_file, flags, overrides)
+    if recipe not in RECIPES:
+        raise ConfigError(f"recipe {recipe!r} is unknown; expected one of {', '.join(RECIPES)}")
+    if not isinstance(given.get("task"), str):
+        raise ConfigError("--recipe needs --task: the papers' values depend on the task")
+    # defaults < recipe < config file < flags < overrides: the recipe only fills what none of them sets
+    return build_config(TrainConfig, recipe_options(recipe, get_task(given["task"]).name), from_file, flags, overrides)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -38,7 +38,10 @@ def read_run_info(path: str | os.PathLike[str]) -> dict[str, Any]:
     if not path.is_dir():
         raise CheckpointError(f"run directory {path} does not exist; expected the --out folder of landscape train")
     if not run_file.is_file():
-        raise CheckpointError(f"{path} has no {RUN_FILE}; expected the --out folder of landscape train")
+        raise CheckpointError(
+            f"{path} has no {RUN_FILE}; expected the --out folder of landscape train or a model checkpoint folder "
+            "(config.json and safetensors weights)"
+        )
     try:
         info = json.loads(run_file.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, ValueError) as exc:

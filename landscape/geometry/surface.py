@@ -35,7 +35,7 @@ from landscape.geometry.directions import (
 )
 from landscape.geometry.grids import EXECUTORS, Cell, GridJob, chunked, make_executor
 from landscape.models.jobs import AnalysisJob, DataSelection
-from landscape.models.runs import Run, load_run_model, read_run_weights
+from landscape.models.runs import Run, load_run_model, open_run, read_run_weights
 from landscape.models.weights import read_safetensors
 
 DIRECTIONS_FILE = "directions.safetensors"
@@ -288,6 +288,7 @@ def compute_interpolation(
     norm: str = "filter",
     ignore_1d: bool = True,
     data: DataSelection | None = None,
+    init: str | None = None,
     executor: str = "serial",
     ray_address: str | None = None,
     workers: int | None = None,
@@ -301,7 +302,8 @@ def compute_interpolation(
     θ1 is the run's final weights. θ0 is, by default, the run's ``init.safetensors`` (the pretrained encoder
     plus the seeded head the run started from); with ``to``, the final weights of that other run (same
     architecture and head, else :class:`CheckpointError`); with ``random``, ``θ1 − θ0`` is replaced by a seeded
-    random direction normalised per ``norm``. α = 0 gives θ1 and α = −1 gives θ0, bitwise.
+    random direction normalised per ``norm``. α = 0 gives θ1 and α = −1 gives θ0, bitwise. For a model checkpoint
+    (not a run directory) θ0 is ``init``'s encoder with a fresh head seeded by 0 (``landscape.models.runs.Run``).
     """
     if to is not None and random:
         raise ConfigError("choose either another run (--to) or a random direction (--random), not both")
@@ -310,7 +312,7 @@ def compute_interpolation(
     out = Path(out)
     data = data or DataSelection(split="dev", samples=256)
     seed = data.seed
-    run = data.open_run(run_path)
+    run = open_run(run_path, task=data.task, data_dir=data.data_dir, init=init)
     loaded = load_run_model(run, "final")
     theta1 = read_run_weights(run, loaded.model, "final")
     endpoint = "random" if random else ("run" if to is not None else "init")

@@ -34,7 +34,7 @@ def model_device(model: nn.Module) -> torch.device:
 def batch_logits(model: nn.Module, batch: Batch, params: Mapping[str, torch.Tensor] | None = None) -> torch.Tensor:
     """Logits [B, C] of ``batch`` (moved to the model's device) at ``params``, or at the model's weights."""
     device = model_device(model)
-    inputs = {key: value.to(device) for key, value in model_inputs(batch).items()}
+    inputs = {key: value.to(device) for key, value in model_inputs(batch, model).items()}
     if params is None:
         return model(**inputs).logits
     return functional_call(model, dict(params), args=(), kwargs=inputs, strict=False).logits
@@ -71,7 +71,7 @@ def example_loss_function(
 
     def example_loss(params: Mapping[str, torch.Tensor], example: Batch) -> torch.Tensor:
         batch = {key: value.unsqueeze(0) for key, value in example.items()}  # the model expects a batch of 1
-        inputs = model_inputs(batch)
+        inputs = model_inputs(batch, model)
         if "attention_mask" in inputs:
             inputs["attention_mask"] = additive_attention_mask(inputs["attention_mask"], dtype)
         logits = functional_call(model, dict(params), args=(), kwargs=inputs, strict=False).logits

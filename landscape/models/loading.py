@@ -97,12 +97,14 @@ def load_model(
     seed: int,
     attn_implementation: str | None = None,
     dropout: float | None = None,
+    require_head: bool = False,
 ) -> LoadedModel:
     """Load ``model`` with a sequence-classification head sized for ``task``.
 
     Weights missing from the checkpoint (the head) are re-initialised from a generator seeded with ``seed``
     (normal(0, initializer_range) weights, zero biases), so θ0 depends on the seed and nothing else.
-    ``attn_implementation="eager"`` is needed for double backward (Hessian-vector products).
+    ``attn_implementation="eager"`` is needed for double backward (Hessian-vector products). ``require_head``:
+    refuse a checkpoint without a trained head (analysing a fine-tuned checkpoint, not starting a run).
     """
     quiet_transformers()
     from transformers import AutoModelForSequenceClassification
@@ -125,6 +127,11 @@ def load_model(
         net, info = AutoModelForSequenceClassification.from_pretrained(path, **kwargs)
     except (OSError, ValueError) as exc:
         raise ConfigError(f"cannot load model {model!r} for sequence classification: {_first_line(exc)}") from exc
+    if require_head and info["missing_keys"]:
+        raise ConfigError(
+            f"model {model!r} has no trained classification head ({len(info['missing_keys'])} weights missing, "
+            f"e.g. {sorted(info['missing_keys'])[0]}); expected a checkpoint fine-tuned on the task"
+        )
     net.config.id2label = {i: name for i, name in enumerate(task.label_names)} if task.label_names else {0: "score"}
     net.config.label2id = {name: i for i, name in net.config.id2label.items()}
     initialise_missing(net, sorted(info["missing_keys"]), seed=seed)

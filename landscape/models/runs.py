@@ -10,6 +10,7 @@ weights every example equally whatever the batch sizes (docs/pitfalls.md §10).
 from __future__ import annotations
 
 import hashlib
+import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,7 +27,7 @@ from landscape.data.encoding import EncodedSplit, collate, default_cache_dir, en
 from landscape.data.metrics import compute_metrics
 from landscape.data.tasks import TaskSpec, get_task, load_split, resolve_data_dir, seeded_indices
 from landscape.models.evaluation import outputs_over
-from landscape.models.loading import LoadedModel, check_compatible, load_model
+from landscape.models.loading import LoadedModel, check_compatible, load_model, quiet_transformers, resolve_model_path
 from landscape.models.weights import load_weights_into, read_safetensors
 
 SPLITS = ("train", "dev")
@@ -35,14 +36,20 @@ WEIGHTS = ("final", "init")
 
 @dataclass(frozen=True)
 class Run:
-    """A run directory and what its ``run.json`` says, with the command line's overrides applied."""
+    """What an analysis is run on: a run directory (``source="run"``, what its ``run.json`` says, with the command
+    line's overrides applied), or a model checkpoint (``source="checkpoint"``): a Hugging Face folder written by
+    ``save_pretrained``, a Trainer ``checkpoint-N/`` folder, or a hub name, whose own weights are θ1 and whose θ0
+    (where asked for) is ``init_model``'s encoder with a fresh head seeded by 0, as a run started from it would have.
+    """
 
     path: Path
-    config: Mapping[str, Any] = field(hash=False)  # run.json's "config"
+    config: Mapping[str, Any] = field(hash=False)  # run.json's "config" ({} for a checkpoint)
     task: TaskSpec
     model: str  # alias, folder or hub name of the architecture and tokenizer
     data_dir: Path | None  # None: the hub
     max_length: int
+    source: str = "run"
+    init_model: str | None = None  # a checkpoint's θ0: the pretrained model it was fine-tuned from (--init)
 
     @property
     def label(self) -> str:
@@ -56,6 +63,14 @@ class Run:
         """``final.safetensors`` (θ1) or ``init.safetensors`` (θ0, the weights before step 1, head included)."""
         if which not in WEIGHTS:
             raise ConfigError(f"weights must be one of {', '.join(WEIGHTS)}, got {which!r}")
+        if self.source == "checkpoint":
+            single = self.path / "model.safetensors"
+            if which == "final" and single.is_file():
+                return single
+            raise CheckpointError(
+                f"{self.path} is a model checkpoint, not a run directory: it has no {which}.safetensors file"
+                + (" (its weights are sharded)" if which == "final" else "; give θ0 with --init MODEL")
+            )
         path = self.path / f"{which}.safetensors"
         if not path.is_file():
             hint = " (the run has not finished: resume it with landscape train --resume)" if which == "final" else ""
@@ -76,9 +91,20 @@ class Run:
 
 
 def open_run(
-    path: str | Path, *, task: str | None = None, data_dir: str | Path | None = None, model: str | None = None
+    path: str | Path,
+    *,
+    task: str | None = None,
+    data_dir: str | Path | None = None,
+    model: str | None = None,
+    init: str | None = None,
 ) -> Run:
-    """Read ``path/run.json``; ``task``, ``data_dir`` and ``model`` override the run's own values."""
+    """Read ``path/run.json``; ``task``, ``data_dir`` and ``model`` override the run's own values.
+
+    ``path`` may also be a model checkpoint (see :class:`Run`): then ``task`` is required and ``init`` names the
+    pretrained model θ0 comes from.
+    """
+    if is_checkpoint(path):
+        return open_checkpoint(path, task=task, data_dir=data_dir, init=init)
     path = Path(path)
     config = read_run_info(path)["config"]
     task_name = task or config.get("task")
@@ -96,6 +122,62 @@ def open_run(
     )
 
 
+def is_checkpoint(path: str | Path) -> bool:
+    """``path`` is a model checkpoint rather than a run: a folder with a config.json and no run.json, or a hub name
+    (``owner/name``, not an existing path) when the hub may be used."""
+    folder = Path(path)
+    if folder.is_dir():
+        return (folder / "config.json").is_file() and not (folder / RUN_FILE).is_file()
+    text = str(path)
+    hub_like = text.count("/") == 1 and not text.startswith((".", "/", "~")) and not folder.exists()
+    return hub_like and os.environ.get("HF_HUB_OFFLINE") != "1"
+
+
+def open_checkpoint(path: str | Path, *, task: str | None, data_dir: str | Path | None, init: str | None = None) -> Run:
+    """A :class:`Run` for a model checkpoint; its label count and order are checked against ``task``."""
+    if not task:
+        raise ConfigError(f"{path} is a model checkpoint, not a run directory: pass --task (its data is not recorded)")
+    spec = get_task(task)
+    model = str(path)
+    resolve_model_path(model)  # a folder without safetensors weights (a pickle) is refused here, unopened
+    check_labels(model, spec)
+    if init is not None:
+        resolve_model_path(init)
+    return Run(
+        path=Path(path),
+        config={},
+        task=spec,
+        model=model,
+        data_dir=resolve_data_dir(data_dir),
+        max_length=128,
+        source="checkpoint",
+        init_model=init,
+    )
+
+
+def check_labels(model: str, task: TaskSpec) -> None:
+    """The checkpoint's classification head must be the task's: as many labels, in the task's order when named."""
+    quiet_transformers()
+    from transformers import AutoConfig
+
+    try:
+        config = AutoConfig.from_pretrained(resolve_model_path(model))
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"cannot read the config of checkpoint {model}: {str(exc).splitlines()[0]}") from exc
+    if config.num_labels != task.num_labels:
+        raise ConfigError(
+            f"checkpoint {model} has a head of {config.num_labels} labels, task {task.name} has {task.num_labels}; "
+            "expected a checkpoint fine-tuned on this task"
+        )
+    names = [str(config.id2label[i]).lower() for i in sorted(config.id2label)]
+    generic = all(name == f"label_{i}" for i, name in enumerate(names))
+    if task.label_names and not generic and names != [n.lower() for n in task.label_names]:
+        raise ConfigError(
+            f"checkpoint {model} orders its labels {names}, task {task.name} expects {list(task.label_names)}; "
+            "expected the same label order"
+        )
+
+
 def load_run_model(run: Run, weights: str = "final", *, attn_implementation: str | None = None) -> LoadedModel:
     """The run's architecture with ``weights`` loaded, in eval mode, gradients off.
 
@@ -103,24 +185,49 @@ def load_run_model(run: Run, weights: str = "final", *, attn_implementation: str
     fused attention kernels have no second derivative (docs/pitfalls.md §15). Dropout is as in the run's config but is
     never active, because every analysis evaluates in eval mode.
     """
-    loaded = load_model(
-        run.model,
-        run.task,
-        seed=int(run.config.get("seed", 0)),
-        attn_implementation=attn_implementation,
-        dropout=run.config.get("dropout"),
-    )
-    load_weights_into(loaded.model, run.weights_file(weights))
+    if run.source == "checkpoint":
+        loaded = load_checkpoint_model(run, weights, attn_implementation=attn_implementation)
+    else:
+        loaded = load_model(
+            run.model,
+            run.task,
+            seed=int(run.config.get("seed", 0)),
+            attn_implementation=attn_implementation,
+            dropout=run.config.get("dropout"),
+        )
+        load_weights_into(loaded.model, run.weights_file(weights))
     loaded.model.eval()
     for parameter in loaded.model.parameters():
         parameter.requires_grad_(False)
     return loaded
 
 
+def load_checkpoint_model(run: Run, weights: str, *, attn_implementation: str | None = None) -> LoadedModel:
+    """A checkpoint's model: its own weights (``final``, head included, else refused) or θ0 from ``--init``."""
+    if weights == "final":
+        loaded = load_model(run.model, run.task, seed=0, attn_implementation=attn_implementation, require_head=True)
+        return loaded
+    if run.init_model is None:
+        raise ConfigError(
+            f"{run.path} is a model checkpoint: θ0 needs --init MODEL (the pretrained model it started from)"
+        )
+    init = load_model(run.init_model, run.task, seed=0, attn_implementation=attn_implementation)
+    final = load_model(run.model, run.task, seed=0, attn_implementation=attn_implementation, require_head=True)
+    expected = {name: p.detach() for name, p in model_parameters(final.model).items()}
+    check_compatible(expected, dict(model_parameters(init.model)), f"--init {run.init_model}")
+    return LoadedModel(model=init.model, tokenizer=final.tokenizer, path=init.path)
+
+
 def read_run_weights(run: Run, model: nn.Module, weights: str = "final") -> dict[str, torch.Tensor]:
     """The run's ``weights`` as a params dict keyed like ``model``'s parameters (checked to match)."""
-    tensors = read_safetensors(run.weights_file(weights))
     expected = {name: p.detach() for name, p in model_parameters(model).items()}
+    if run.source == "checkpoint":
+        found = {
+            name: p.detach().clone() for name, p in model_parameters(load_checkpoint_model(run, weights).model).items()
+        }
+        check_compatible(expected, found, f"the {weights} weights of {run.path}")
+        return {name: found[name].to(expected[name].dtype) for name in expected}
+    tensors = read_safetensors(run.weights_file(weights))
     check_compatible(expected, tensors, str(run.weights_file(weights)))
     return {name: tensors[name].to(expected[name].dtype) for name in expected}
 

@@ -46,13 +46,43 @@ def small_vocabulary() -> list[str]:
     return list(dict.fromkeys(tokens))  # first occurrence wins: "a" and "i" are both words and characters
 
 
-def build_tiny_model_folder(folder: str | Path, *, vocabulary: str = "small") -> Path:
-    """Write a tiny random BERT encoder (2 layers, hidden 32, seed 0) and its tokenizer to ``folder``.
+#: the families built by :func:`build_tiny_model_folder` (``AutoModelForSequenceClassification`` model types)
+ARCHITECTURES = ("bert", "roberta", "distilbert", "electra", "albert", "gpt2", "deberta-v2")
 
-    ``vocabulary``: ``"small"`` (:func:`small_vocabulary`, lower-cased WordPiece) or ``"minilm"`` (MiniLM's).
+
+def tiny_config(architecture: str, vocab_size: int, pad_token_id: int):
+    """A 2-layer, width-32 config of ``architecture`` (one of :data:`ARCHITECTURES`), random and tiny."""
+    from transformers import AutoConfig
+
+    common = {"vocab_size": vocab_size, "pad_token_id": pad_token_id}
+    sizes = {
+        "bert": {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2, "intermediate_size": 64},
+        "roberta": {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2, "intermediate_size": 64,
+                    "type_vocab_size": 1},
+        "electra": {"hidden_size": 32, "embedding_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2,
+                    "intermediate_size": 64},
+        "albert": {"hidden_size": 32, "embedding_size": 16, "num_hidden_layers": 2, "num_attention_heads": 2,
+                   "intermediate_size": 64},
+        "distilbert": {"dim": 32, "n_layers": 2, "n_heads": 2, "hidden_dim": 64},
+        "gpt2": {"n_embd": 32, "n_layer": 2, "n_head": 2, "n_positions": 512},
+        "deberta-v2": {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2, "intermediate_size": 64,
+                       "type_vocab_size": 0, "relative_attention": True, "position_buckets": 16,
+                       "pos_att_type": ["p2c", "c2p"], "max_relative_positions": -1},
+    }  # fmt: skip
+    if architecture not in sizes:
+        raise ValueError(f"architecture must be one of {', '.join(ARCHITECTURES)}, got {architecture!r}")
+    return AutoConfig.for_model(architecture, **common, **sizes[architecture])
+
+
+def build_tiny_model_folder(folder: str | Path, *, vocabulary: str = "small", architecture: str = "bert") -> Path:
+    """Write a tiny random encoder (2 layers, width 32, seed 0) of ``architecture`` and its tokenizer to ``folder``.
+
+    ``vocabulary``: ``"small"`` (:func:`small_vocabulary`, lower-cased WordPiece) or ``"minilm"`` (MiniLM's). Every
+    family gets the same WordPiece tokenizer: the tests exercise the models, and a BERT-style tokenizer's
+    ``token_type_ids`` are exactly what families without segments must ignore.
     """
     quiet_transformers()
-    from transformers import BertConfig, BertModel, BertTokenizer
+    from transformers import AutoModel, BertConfig, BertModel, BertTokenizer
 
     if vocabulary == "small":
         tokenizer = BertTokenizer(vocab={token: i for i, token in enumerate(small_vocabulary())}, do_lower_case=True)
@@ -61,6 +91,13 @@ def build_tiny_model_folder(folder: str | Path, *, vocabulary: str = "small") ->
     else:
         raise ValueError(f"vocabulary must be 'small' or 'minilm', got {vocabulary!r}")
     folder = Path(folder)
+    if architecture != "bert":
+        torch.manual_seed(0)
+        AutoModel.from_config(tiny_config(architecture, tokenizer.vocab_size, tokenizer.pad_token_id)).save_pretrained(
+            folder
+        )
+        tokenizer.save_pretrained(folder)
+        return folder
     config = BertConfig(
         vocab_size=tokenizer.vocab_size,
         hidden_size=32,

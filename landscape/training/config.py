@@ -13,6 +13,7 @@ from typing import Any
 
 from landscape.core.errors import ConfigError
 from landscape.data.tasks import get_task
+from landscape.training.recipes import DEFAULT_RECIPE, PAPER_RECIPES, RECIPES, with_recipe
 from optimizers.base import BASE_OPTIMIZERS
 from optimizers.variants import CORE_SETTINGS, SAM_VARIANTS, get_variant
 
@@ -24,12 +25,19 @@ MAX_LEARNING_RATE = 1e3
 RENAMED_OPTIONS = {"beta": "delta_beta"}
 
 
+#: options added since runs were first written whose earlier behaviour is not their default: name -> that behaviour
+EARLIER_BEHAVIOUR = {"delta_weights": "literal"}
+
+
 def upgrade_config(config: dict[str, Any]) -> dict[str, Any]:
-    """A stored config dict with renamed options under their current names (a copy; the input is unchanged)."""
+    """A stored config dict in today's terms (a copy): renamed options under their current names, and options
+    added later set to what the run actually did (so ``--resume`` of an old δ-SAM run asks for ``literal``)."""
     upgraded = dict(config)
     for old, new in RENAMED_OPTIONS.items():
         if old in upgraded and new not in upgraded:
             upgraded[new] = upgraded.pop(old)
+    for name, behaviour in EARLIER_BEHAVIOUR.items():
+        upgraded.setdefault(name, behaviour)
     return upgraded
 
 
@@ -38,21 +46,6 @@ def refuse_renamed(options: dict[str, Any]) -> None:
     for old, new in RENAMED_OPTIONS.items():
         if old in options:
             raise ConfigError(f"option {old!r} is now called {new!r}; rename it in the config or command line")
-
-
-# Learning rate and epochs of the FSAM paper's Table 10 (BERT rows, batch size 16, 10 % warm-up), used when the
-# user gives neither; other tasks fall back to 2e-5 and 3 epochs.
-PAPER_RECIPES: dict[str, tuple[float, int]] = {
-    "cola": (2e-5, 3),
-    "mrpc": (2e-5, 3),
-    "stsb": (4e-5, 3),
-    "rte": (4e-5, 3),
-    "boolq": (2e-5, 10),
-    "cb": (3e-5, 20),
-    "wic": (2e-5, 10),
-    "wsc": (1e-5, 20),
-}
-DEFAULT_RECIPE = (2e-5, 3)
 
 
 @dataclass(frozen=True)
@@ -73,6 +66,8 @@ class TrainConfig:
     weight_decay: float = 0.01
     max_grad_norm: float | None = 1.0
     momentum: float = 0.9  # SGD only
+    adam_beta1: float = 0.9  # Adam / AdamW / AMSGrad (FSAM Table 9 runs beta1 = 0)
+    adam_beta2: float = 0.999
     max_length: int = 128
     train_fraction: float = 1.0
     seed: int = 42
@@ -88,7 +83,7 @@ class TrainConfig:
     ascent_fraction: float = 1.0  # efficient SAM: ascent on this fraction of the batch
     m_sharpness: int = 1  # m disjoint ascent micro-batches
     exact_rho: bool = False  # Fisher mask: normalise after masking (||eps|| = rho) instead of Eq. 6
-    same_dropout: bool = False  # replay the ascent's dropout masks in the descent pass
+    same_dropout: bool | None = None  # replay the ascent's dropout masks in the descent; None: the variant's default
     sparsity: float = 0.9  # FSAM s: perturb the top (1 - s) of coordinates by empirical Fisher
     mask_interval: int = 100  # FSAM F_i: refresh the mask every this many steps
     fisher_samples: int = 128  # FSAM N_Fisher
@@ -101,19 +96,33 @@ class TrainConfig:
     esam_gamma: float = 0.5  # ESAM: fraction of the batch selected for the descent
     looksam_k: int = 5  # LookSAM: a SAM step every k steps
     looksam_alpha: float = 0.7  # LookSAM: weight of the reused orthogonal direction
+    delta_weights: str = "clipped"  # delta-SAM: Eq. 6 weights clipped at 0 and renormalised, or "literal"
+    asam_exempt_biases: bool = False  # ASAM: scale only parameters named *weight* (the authors' code)
+    recipe: str | None = None  # the paper preset the options were completed from (TrainConfig.from_recipe, --recipe)
     # --- transfer (analyses.transfer): start from another run's encoder, optionally train the head alone
     init_from: str | None = None  # .safetensors file or run directory (its final.safetensors) giving the encoder
     freeze_encoder: bool = False  # linear probe: only the classification head is trained
 
+    @classmethod
+    def from_recipe(cls, recipe: str, task: str, **options: Any) -> TrainConfig:
+        """A config of paper preset ``recipe`` (``landscape.training.recipes``) for ``task``; ``options`` win."""
+        values = with_recipe({"task": task, **options}, recipe, get_task(task).name)
+        return cls(**values, recipe=recipe)
+
     def resolved(self) -> TrainConfig:
         """Fill the task-dependent defaults (lr, epochs, out) and validate every value."""
         task = get_task(self.task)
+        if self.recipe is not None and self.recipe not in RECIPES:
+            raise ConfigError(f"recipe {self.recipe!r} is unknown; expected one of {', '.join(RECIPES)}")
+        config = self
         lr, epochs = PAPER_RECIPES.get(task.name, DEFAULT_RECIPE)
+        if config.same_dropout is None and config.sam in SAM_VARIANTS:
+            config = replace(config, same_dropout=get_variant(config.sam).same_dropout)
         config = replace(
-            self,
+            config,
             task=task.name,
-            lr=self.lr if self.lr is not None else lr,
-            epochs=self.epochs if self.epochs is not None else epochs,
+            lr=config.lr if config.lr is not None else lr,
+            epochs=config.epochs if config.epochs is not None else epochs,
         )
         if config.data_dir:  # absolute, so that analyses started from another folder find the run's data
             config = replace(config, data_dir=str(Path(config.data_dir).expanduser().resolve()))
@@ -168,8 +177,9 @@ class TrainConfig:
                 raise ConfigError(f"{name} must be > 0, got {getattr(self, name)}")
         if not isinstance(self.fisher_mode, str) or not self.fisher_mode:
             raise ConfigError(f"fisher_mode must be a non-empty name, got {self.fisher_mode!r}")
-        if not 0 <= self.momentum < 1:
-            raise ConfigError(f"momentum must be in [0, 1), got {self.momentum}")
+        for name in ("momentum", "adam_beta1", "adam_beta2"):
+            if not 0 <= getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be in [0, 1), got {getattr(self, name)}")
         for name in ("rho", "eta", "delta_beta", "gsam_alpha", "rho_min", "looksam_alpha"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}")

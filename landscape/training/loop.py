@@ -240,20 +240,7 @@ def _train(
     # θ0 of a transfer run: the other run's encoder and this task's fresh head (a resumed run reloads its own θ0).
     init_record = load_encoder_from(model, config.init_from) if config.init_from and not resuming else None
     trainable = freeze_all_but_head(model) if config.freeze_encoder else None
-    try:  # the optimizers raise ValueError as torch.optim does; here it is the user's configuration
-        base = make_base_optimizer(
-            config.optimizer, model, lr=config.lr, weight_decay=config.weight_decay, momentum=config.momentum
-        )
-        optimizer = make_sharpness_optimizer(
-            config.sam,
-            base,
-            named_parameters=model.named_parameters(),
-            seed=config.seed,
-            max_grad_norm=config.max_grad_norm,
-            **config.sharpness_settings(),
-        )
-    except ValueError as exc:
-        raise ConfigError(str(exc)) from exc
+    optimizer = build_optimizer(config, model)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, linear_schedule(warmup_steps, total_steps))
 
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -337,6 +324,7 @@ def _train(
         }
         if isinstance(optimizer, SharpnessAware):
             record.update(rho=optimizer.last.rho, perturbation_norm=optimizer.last.perturbation_norm)
+            record.update(optimizer.last.extra)  # e.g. δ-SAM's negative_weight_fraction
         log.append(record)
         bar.update(1)
         bar.set_postfix(loss=f"{float(losses.mean()):.4f}", lr=f"{lr:.2e}")
@@ -386,6 +374,29 @@ def _train(
     # The resumable state only serves an unfinished run; a completed one keeps θ0, θ1 and its metrics.
     shutil.rmtree(checkpoints_dir, ignore_errors=True)
     return TrainResult(run_dir, dev_metrics, total_steps, resumed_from)
+
+
+def build_optimizer(config: TrainConfig, model: torch.nn.Module) -> torch.optim.Optimizer:
+    """The base optimizer of ``config`` over ``model``, wrapped as its sharpness-aware variant (resolved config)."""
+    try:  # the optimizers raise ValueError as torch.optim does; here it is the user's configuration
+        base = make_base_optimizer(
+            config.optimizer,
+            model,
+            lr=config.lr,
+            weight_decay=config.weight_decay,
+            momentum=config.momentum,
+            betas=(config.adam_beta1, config.adam_beta2),
+        )
+        return make_sharpness_optimizer(
+            config.sam,
+            base,
+            named_parameters=model.named_parameters(),
+            seed=config.seed,
+            max_grad_norm=config.max_grad_norm,
+            **config.sharpness_settings(),
+        )
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from exc
 
 
 def batch_closure(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> BatchClosure:

@@ -43,8 +43,8 @@ pytestmark = pytest.mark.filterwarnings("ignore:There is a performance drop:User
         ("bert.pooler.dense.weight", "other"),
         ("classifier.weight", "classifier"),
         ("roberta.encoder.layer.3.attention.self.query.weight", "attention.query"),
-        ("transformer.h.0.attn.c_attn.weight", "other"),  # GPT-2 fuses Q, K and V
-        ("distilbert.transformer.layer.0.attention.q_lin.weight", "other"),
+        ("transformer.h.0.attn.c_attn.weight", "attention.qkv"),  # GPT-2 fuses Q, K and V
+        ("distilbert.transformer.layer.0.attention.q_lin.weight", "attention.query"),
     ],
 )
 def test_module_types_from_bert_style_names(name, expected):

@@ -86,6 +86,59 @@ def test_a_renamed_option_is_refused_with_its_new_name_and_old_runs_still_compar
     assert main(["train", "--task", "sst2", "beta=3"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "'beta' is now called 'delta_beta'" in err
-    old = {"task": "sst2", "sam": "delta-sam", "beta": 3.0}
-    assert upgrade_config(old) == {"task": "sst2", "sam": "delta-sam", "delta_beta": 3.0} and "beta" in old
-    assert comparable(old) == comparable({"task": "sst2", "sam": "delta-sam", "delta_beta": 3.0})
+    old = {"task": "sst2", "sam": "delta-sam", "beta": 3.0}  # a δ-SAM run written before delta_weights existed
+    today = {"task": "sst2", "sam": "delta-sam", "delta_beta": 3.0, "delta_weights": "literal"}
+    assert upgrade_config(old) == today and "beta" in old
+    assert comparable(old) == comparable(today)
+    # it ran Eq. 6 as printed: resuming it with today's default (clipped) would silently change the run
+    assert comparable(old) != comparable({**today, "delta_weights": "clipped"})
+
+
+def test_recipes_fill_what_the_user_did_not_set_with_the_papers_values(tmp_path):
+    from landscape.cli.main import build_parser
+    from landscape.cli.train import config_from_args
+
+    def config(*argv):
+        return config_from_args(build_parser().parse_args(["train", *argv])).resolved()
+
+    rte = config("--task", "rte", "--recipe", "delta-sam")
+    assert (rte.sam, rte.rho, rte.delta_beta, rte.recipe) == ("delta-sam", 0.05, 70.0, "delta-sam")  # Table 3
+    stsb = config("--task", "stsb", "--recipe", "delta-sam", "--delta-beta", "3")  # a flag wins over the recipe
+    assert (stsb.rho, stsb.delta_beta) == (0.01, 3.0)
+    (tmp_path / "c.yaml").write_text("task: cola\nrecipe: bahri\nrho: 0.05\n")  # so does the file, default or not
+    cola = config("--config", str(tmp_path / "c.yaml"))
+    assert (cola.sam, cola.rho, cola.ascent_fraction) == ("sam", 0.05, 0.25)
+    fsam = config("--task", "rte", "--recipe", "fsam")
+    assert (fsam.sam, fsam.rho, fsam.sparsity, fsam.mask_interval, fsam.lr, fsam.epochs) == (
+        "fsam",
+        0.01,
+        0.9,
+        100,
+        4e-5,
+        3,
+    )
+    with pytest.raises(ConfigError, match="gives no ρ and β for task 'cb'"):
+        config("--task", "cb", "--recipe", "delta-sam")
+    python = TrainConfig.from_recipe("delta-sam", "mrpc", seed=3)
+    assert (python.delta_beta, python.seed, python.recipe) == (10.0, 3, "delta-sam")
+
+
+def test_variant_defaults_and_adam_betas_reach_the_optimizer():
+    esam = TrainConfig(task="sst2", sam="esam").resolved()
+    assert esam.same_dropout is True and TrainConfig(task="sst2", sam="sam").resolved().same_dropout is False
+    assert TrainConfig(task="sst2", sam="esam", same_dropout=False).resolved().same_dropout is False
+    with pytest.raises(ConfigError, match=r"adam_beta2 must be in \[0, 1\)"):
+        TrainConfig(task="sst2", adam_beta2=1.0).resolved()
+
+
+def test_adam_betas_and_piece_options_reach_the_built_optimizer():
+    from torch import nn
+
+    from landscape.training.loop import build_optimizer
+
+    model = nn.Sequential(nn.Linear(3, 2))
+    config = TrainConfig(task="sst2", sam="delta-sam", adam_beta1=0.0, delta_weights="literal", rho=0.02).resolved()
+    optimizer = build_optimizer(config, model)
+    assert optimizer.param_groups[0]["betas"] == (0.0, 0.999) and optimizer.param_groups[0]["rho"] == 0.02
+    weighting = next(p for p in optimizer.pieces if type(p).__name__ == "InstanceReweighting")
+    assert weighting.clipped is False
