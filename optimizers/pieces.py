@@ -319,9 +319,10 @@ class InstanceReweighting(Piece):
 
     Dropout: the probe forward at w + ρê/‖ê‖ and the ascent forward at w draw the *same* dropout masks (the RNG
     state is replayed), so a_i measures the weight perturbation and not the difference of two masks, which on a
-    tiny BERT with dropout 0.1 was ~20 times larger. ``delta_weights``: ``"clipped"`` (default) sets the negative
-    g'_i that Eq. 6 gives when r > 1 to 0 and renormalises to Σ g' = 1, since a reweighted risk needs weights ≥ 0;
-    ``"literal"`` keeps Eq. 6 as printed. The fraction of negative g'_i before clipping is logged every step.
+    tiny BERT with dropout 0.1 was ~20 times larger (docs/pitfalls.md §25). ``delta_weights``: ``"clipped"``
+    (default) sets the negative g'_i that Eq. 6 gives when r > 1 to 0 and renormalises to Σ g' = 1, since a
+    reweighted risk needs weights ≥ 0;
+    ``"literal"`` keeps Eq. 6 as printed (docs/pitfalls.md §26). The fraction of negative g'_i is logged per step.
     """
 
     hyperparameters: ClassVar[dict[str, float]] = {"delta_beta": 5.0}

@@ -22,6 +22,8 @@ from landscape.cli import hessian as hessian_cmd
 from landscape.cli import interpolate as interpolate_cmd
 from landscape.cli import sharpness as sharpness_cmd
 from landscape.cli import surface as surface_cmd
+from landscape.cli import sweep as sweep_cmd
+from landscape.cli import table as table_cmd
 from landscape.cli import train as train_cmd
 from landscape.cli import transfer as transfer_cmd
 from landscape.core.errors import LandscapeError
@@ -38,6 +40,8 @@ COMMANDS = (
     fisher_cmd,
     sharpness_cmd,
     hessian_cmd,
+    sweep_cmd,
+    table_cmd,
 )
 
 

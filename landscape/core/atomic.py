@@ -55,7 +55,7 @@ def write_text(path: str | os.PathLike[str], text: str) -> None:
 
 
 def write_json(path: str | os.PathLike[str], obj: Any) -> None:
-    """Write ``obj`` as JSON; NaN and ±inf (JSON has neither) are written as ``null``: the file always parses."""
+    """Write ``obj`` as JSON; NaN and ±inf (JSON has neither) are ``null``: the file always parses (pitfalls §31)."""
     text = json.dumps(finite_json(obj), indent=2, sort_keys=True, default=_json_default, allow_nan=False)
     write_text(path, text + "\n")
 

@@ -4,7 +4,7 @@
 directory if needed) and refuses, with one line, a second process that wants the same directory. The kernel drops
 the lock when the holder exits, however it exits (a ``kill -9`` included), so a stale lock never blocks a rerun.
 A directory that the lock alone created is removed again on exit, so a refused command leaves nothing behind.
-On a platform without ``fcntl`` (Windows) the lock is not taken.
+On a platform without ``fcntl`` (Windows) the lock is not taken. (docs/pitfalls.md §32)
 """
 
 from __future__ import annotations

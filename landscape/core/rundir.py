@@ -23,7 +23,29 @@ CHECKPOINTS_DIR = "checkpoints"
 ANALYSES_DIR = "analyses"
 RUN_FILES = (RUN_FILE, INIT_WEIGHTS, FINAL_WEIGHTS, METRICS_FILE, CHECKPOINTS_DIR, ANALYSES_DIR)
 COMPLETED = "completed"
-DIVERGED = "diverged"  # the loss, weights or dev metrics became non-finite; see run.json's "diverged"
+DIVERGED = "diverged"
+SWEEP_FILE = "sweep.json"  # a sweep directory: its record, and its trials' run directories under TRIALS_DIR
+TRIALS_DIR = "trials"  # the loss, weights or dev metrics became non-finite; see run.json's "diverged"
+
+
+#: options renamed since runs were first written: old name -> current name
+RENAMED_OPTIONS = {"beta": "delta_beta"}
+
+
+#: options added since runs were first written whose earlier behaviour is not their default: name -> that behaviour
+EARLIER_BEHAVIOUR = {"delta_weights": "literal"}
+
+
+def upgrade_config(config: dict[str, Any]) -> dict[str, Any]:
+    """A stored config dict in today's terms (a copy): renamed options under their current names, and options
+    added later set to what the run actually did (so ``--resume`` of an old δ-SAM run asks for ``literal``)."""
+    upgraded = dict(config)
+    for old, new in RENAMED_OPTIONS.items():
+        if old in upgraded and new not in upgraded:
+            upgraded[new] = upgraded.pop(old)
+    for name, behaviour in EARLIER_BEHAVIOUR.items():
+        upgraded.setdefault(name, behaviour)
+    return upgraded
 
 
 def has_run(path: str | os.PathLike[str]) -> bool:

@@ -32,7 +32,8 @@ def write_safetensors(path: str | Path, tensors: dict[str, torch.Tensor], metada
     """``safetensors.torch.save_file`` made atomic and deterministic: equal tensors and metadata give equal bytes.
 
     The library writes the metadata in its hash map's order, which changes from one process to the next; the
-    header is rewritten in place with the metadata keys sorted (the same bytes, reordered: no offset moves).
+    header is rewritten in place with the metadata keys sorted (the same bytes, reordered: no offset moves;
+    docs/pitfalls.md §33).
     """
 
     def write(tmp: Path) -> None:

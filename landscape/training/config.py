@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from landscape.core.errors import ConfigError
+from landscape.core.rundir import RENAMED_OPTIONS, upgrade_config
 from landscape.data.tasks import get_task
 from landscape.training.recipes import DEFAULT_RECIPE, PAPER_RECIPES, RECIPES, with_recipe
 from optimizers.base import BASE_OPTIMIZERS
@@ -20,25 +21,6 @@ from optimizers.variants import CORE_SETTINGS, SAM_VARIANTS, get_variant
 # A learning rate above this is a typo (1e39 overflows float32 weights at the first step); divergence at smaller
 # ones is caught by the loop, which stops and marks the run "diverged".
 MAX_LEARNING_RATE = 1e3
-
-#: options renamed since runs were first written: old name -> current name
-RENAMED_OPTIONS = {"beta": "delta_beta"}
-
-
-#: options added since runs were first written whose earlier behaviour is not their default: name -> that behaviour
-EARLIER_BEHAVIOUR = {"delta_weights": "literal"}
-
-
-def upgrade_config(config: dict[str, Any]) -> dict[str, Any]:
-    """A stored config dict in today's terms (a copy): renamed options under their current names, and options
-    added later set to what the run actually did (so ``--resume`` of an old δ-SAM run asks for ``literal``)."""
-    upgraded = dict(config)
-    for old, new in RENAMED_OPTIONS.items():
-        if old in upgraded and new not in upgraded:
-            upgraded[new] = upgraded.pop(old)
-    for name, behaviour in EARLIER_BEHAVIOUR.items():
-        upgraded.setdefault(name, behaviour)
-    return upgraded
 
 
 def refuse_renamed(options: dict[str, Any]) -> None:

@@ -1,0 +1,200 @@
+"""``landscape sweep``: a grid of training runs (and analyses of each), resumable, one trial at a time.
+
+A spec (YAML) has ``base`` (train options, the keys of a ``--config`` file), ``grid`` (option → list of values: the
+cartesian product), optional ``zip`` (option → lists of one length, taken together: one axis) and optional
+``analyses`` (command → its options, run on every finished trial into ``TRIAL/analyses/<command>``). Each trial is
+the run directory ``OUT/trials/<name>``, named by its own values in the spec's order (``sam=fsam,seed=2``). A rerun
+skips finished trials and resumes interrupted ones; a trial that fails is recorded with its error in
+``OUT/sweep.json`` and does not stop the others. ``OUT/sweep.json`` (written atomically after every trial) holds the
+spec, every trial's options, status, dev metrics and wall time.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+import re
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from landscape.core.atomic import write_json
+from landscape.core.config import build_config, load_yaml
+from landscape.core.errors import ConfigError, LandscapeError
+from landscape.core.locks import locks_output
+from landscape.core.rundir import SWEEP_FILE, TRIALS_DIR, has_run, is_complete, read_run_info
+from landscape.data.tasks import get_task, load_split, resolve_data_dir
+from landscape.training.config import TrainConfig, refuse_renamed
+from landscape.training.loop import train
+
+ANALYSES = ("surface", "interpolate", "hessian", "fisher", "sharpness")
+SPEC_KEYS = ("base", "grid", "zip", "analyses")
+
+
+@dataclass(frozen=True)
+class Trial:
+    """One point of the sweep: its name (``key=value,...``) and the train options it sets on top of ``base``."""
+
+    name: str
+    values: dict[str, Any]
+
+
+def read_spec(path: str | Path) -> dict[str, Any]:
+    """The spec at ``path``, checked: known top-level keys, mappings, non-empty lists, zip lists of one length."""
+    spec = load_yaml(path)
+    unknown = sorted(set(spec) - set(SPEC_KEYS))
+    if unknown:
+        raise ConfigError(f"sweep spec {path}: unknown key {unknown[0]!r}; expected some of {', '.join(SPEC_KEYS)}")
+    for key in SPEC_KEYS:
+        if key in spec and not isinstance(spec[key], dict):
+            raise ConfigError(f"sweep spec {path}: {key} must be a mapping, got {type(spec[key]).__name__}")
+    for key in ("grid", "zip"):
+        for option, values in spec.get(key, {}).items():
+            if not isinstance(values, list) or not values:
+                raise ConfigError(f"sweep spec {path}: {key}.{option} must be a non-empty list, got {values!r}")
+    lengths = {len(v) for v in spec.get("zip", {}).values()}
+    if len(lengths) > 1:
+        raise ConfigError(f"sweep spec {path}: the zip lists have different lengths {sorted(lengths)}; expected one")
+    axes = [*spec.get("grid", {}), *spec.get("zip", {})]
+    both = sorted(set(spec.get("base", {})) & set(axes)) + sorted(set(spec.get("grid", {})) & set(spec.get("zip", {})))
+    if both:
+        raise ConfigError(f"sweep spec {path}: option {both[0]!r} is set twice (base, grid or zip); set it once")
+    for name in spec.get("analyses", {}):
+        if name not in ANALYSES:
+            raise ConfigError(f"sweep spec {path}: analysis {name!r} is unknown; expected one of {', '.join(ANALYSES)}")
+    for section in ("base", "grid", "zip"):
+        refuse_renamed(spec.get(section, {}))
+    return spec
+
+
+def trials_of(spec: Mapping[str, Any]) -> list[Trial]:
+    """Every trial of ``spec``: the grid's cartesian product times the zip rows, in the spec's order."""
+    grid = spec.get("grid", {})
+    zipped = spec.get("zip", {})
+    rows = [dict(zip(zipped, row, strict=True)) for row in zip(*zipped.values(), strict=True)] if zipped else [{}]
+    trials = []
+    for combination in itertools.product(*grid.values()):
+        for row in rows:
+            values = {**dict(zip(grid, combination, strict=True)), **row}
+            trials.append(Trial(trial_name(values), values))
+    names = [t.name for t in trials]
+    if len(set(names)) != len(names):
+        raise ConfigError("two trials of the sweep have the same values; a grid or zip list repeats a value")
+    return trials
+
+
+def trial_name(values: Mapping[str, Any]) -> str:
+    """``sam=fsam,seed=2``: readable, stable, and a valid folder name (other characters become ``_``)."""
+    text = ",".join(f"{key}={value}" for key, value in values.items()) or "base"
+    return re.sub(r"[^A-Za-z0-9=,._+-]", "_", text)
+
+
+def trial_config(spec: Mapping[str, Any], trial: Trial, out: Path) -> TrainConfig:
+    """The trial's resolved :class:`TrainConfig` (base, then its values; its run directory under ``out``)."""
+    values = {**spec.get("base", {}), **trial.values, "out": str(out / TRIALS_DIR / trial.name)}
+    return build_config(TrainConfig, values).resolved()
+
+
+def analysis_argv(command: str, trial_dir: Path, options: Mapping[str, Any] | None) -> list[str]:
+    """The ``landscape`` command line of one analysis of a trial (options as ``--key value``, True as a flag)."""
+    argv = [command, str(trial_dir), "--out", str(trial_dir / "analyses" / command)]
+    for key, value in (options or {}).items():
+        flag = "--" + str(key).replace("_", "-")
+        if value is True:
+            argv.append(flag)
+        elif value is False:
+            argv.append("--no-" + flag[2:])
+        elif isinstance(value, list):
+            argv += [flag, *map(str, value)]
+        else:
+            argv += [flag, str(value)]
+    return argv
+
+
+def plan(spec: Mapping[str, Any], out: Path) -> list[dict[str, Any]]:
+    """For ``--dry-run``: each trial's name, state, steps and, where a finished trial measured it, seconds/step."""
+    measured: dict[str, float] = {}
+    rows = []
+    for trial in trials_of(spec):
+        config = trial_config(spec, trial, out)
+        run_dir = Path(config.out)
+        state = "done" if has_run(run_dir) and is_complete(run_dir) else "started" if has_run(run_dir) else "to do"
+        if state == "done":
+            timings = read_run_info(run_dir).get("timings", {})
+            steps = read_run_info(run_dir).get("total_steps")
+            if timings.get("train_seconds") and steps:
+                measured[config.sam] = float(timings["train_seconds"]) / float(steps)
+        rows.append({"name": trial.name, "state": state, "sam": config.sam, "config": config,
+                     "steps": planned_steps(config)})  # fmt: skip
+    for row in rows:
+        row["seconds_per_step"] = measured.get(row["sam"])
+    return rows
+
+
+def planned_steps(config: TrainConfig) -> int | None:
+    """The trial's number of steps: ``max_steps``, or epochs × batches of its (subsampled) training set."""
+    if config.max_steps:
+        return config.max_steps
+    try:
+        examples = len(load_split(get_task(config.task), "train", resolve_data_dir(config.data_dir)))
+    except LandscapeError:  # its data is not reachable: the trial itself will say so
+        return None
+    kept = max(1, round(config.train_fraction * examples)) if config.train_fraction < 1 else examples
+    return math.ceil(kept / config.batch_size) * int(config.epochs or 1)
+
+
+@locks_output()
+def run_sweep(
+    spec_path: str | Path,
+    out: str | Path,
+    *,
+    dispatch: Callable[[Sequence[str]], int] | None = None,
+    progress: Callable[[str], None] = lambda line: print(line, flush=True),
+    fisher: Any = None,
+) -> dict[str, Any]:
+    """Train every trial of the spec (skipping finished ones) and run its analyses; return the sweep record.
+
+    ``dispatch`` runs a ``landscape`` command line (``landscape.cli.main.main``; the CLI hands it in), needed only
+    when the spec has ``analyses``. ``fisher``: the FSAM mask provider (``analyses.fisher.EmpiricalFisherMask()``).
+    """
+    out = Path(out)
+    spec = read_spec(spec_path)
+    trials = trials_of(spec)
+    configs = {trial.name: trial_config(spec, trial, out) for trial in trials}  # every trial checked before training
+    if spec.get("analyses") and dispatch is None:
+        raise ConfigError("the spec has analyses: run_sweep needs dispatch=landscape.cli.main.main")
+    record: dict[str, Any] = {"spec": spec, "trials": {}}
+    started = time.perf_counter()
+    for number, trial in enumerate(trials, start=1):
+        config = configs[trial.name]
+        run_dir = Path(config.out)
+        entry: dict[str, Any] = {"values": trial.values, "run_dir": str(run_dir)}
+        tick = time.perf_counter()
+        try:
+            skipped = has_run(run_dir) and is_complete(run_dir)
+            result = train(config, resume=has_run(run_dir), progress=False, fisher=fisher)
+            entry.update(status="completed", dev_metrics=result.dev_metrics, skipped=skipped)
+            for command, options in spec.get("analyses", {}).items():
+                code = dispatch(analysis_argv(command, run_dir, options))  # type: ignore[misc]
+                if code != 0:
+                    raise LandscapeError(f"landscape {command} exited with status {code}")
+        except LandscapeError as exc:  # a user-level failure of this trial; the others still run
+            entry.update(status="failed", error=str(exc))
+        entry["seconds"] = time.perf_counter() - tick
+        record["trials"][trial.name] = entry
+        write_json(out / SWEEP_FILE, record)
+        state = "skipped (done)" if entry.get("skipped") else entry["status"]
+        detail = f": {entry['error']}" if entry["status"] == "failed" else ""
+        progress(f"[{number}/{len(trials)}] {trial.name} {state}{detail}; {len(trials) - number} to go")
+    record["seconds"] = time.perf_counter() - started
+    write_json(out / SWEEP_FILE, record)
+    return record
+
+
+def iter_trial_dirs(sweep_dir: Path) -> Iterator[Path]:
+    """The run directories of a sweep's trials, in name order."""
+    trials = sweep_dir / TRIALS_DIR
+    if trials.is_dir():
+        yield from sorted(p for p in trials.iterdir() if has_run(p))

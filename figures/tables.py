@@ -1,0 +1,174 @@
+"""``landscape table``: the papers' tables from run directories or sweeps, recomputed from each run's own records.
+
+For every completed run, the metric is the last dev evaluation in its ``metrics.jsonl`` (never the copy in
+``run.json``) and the row / column keys are its config's values (``task``, ``sam``, ``optimizer``, ``sparsity``...).
+Cells give the mean ± sample standard deviation over the runs that share a row and a column (seeds) and their
+count, scaled by 100 as the papers print them (FSAM Table 1, δ-SAM Table 1); ``Avg`` is the mean of a row's cell
+means (the papers' Avg column); the best cell of each row is marked. With ``baseline`` (a column value), each cell
+also gives its paired difference to the baseline over the seeds both have: the mean and a 95 % t interval.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from scipy import stats
+
+from figures.sources import RunRecord, primary_metric, read_run
+from landscape.core.errors import ConfigError
+from landscape.core.rundir import COMPLETED, RUN_FILE, TRIALS_DIR, upgrade_config
+
+FORMATS = ("md", "csv", "latex")
+
+
+@dataclass
+class Cell:
+    values: dict[Any, float] = field(default_factory=dict)  # seed -> metric
+
+    @property
+    def mean(self) -> float:
+        return float(np.mean(list(self.values.values())))
+
+    @property
+    def std(self) -> float:
+        return float(np.std(list(self.values.values()), ddof=1)) if len(self.values) > 1 else float("nan")
+
+
+@dataclass
+class Table:
+    rows: list[Any]
+    cols: list[Any]
+    cells: dict[tuple[Any, Any], Cell]
+    metric: str
+    row_key: str
+    col_key: str
+    baseline: Any = None
+
+    def average(self, row: Any) -> float:
+        means = [self.cells[row, col].mean for col in self.cols if (row, col) in self.cells]
+        return float(np.mean(means)) if means else float("nan")
+
+    def paired(self, row: Any, col: Any) -> tuple[float, float, float, int] | None:
+        """Mean of the per-seed differences to the baseline column and its 95 % t interval (None if < 2 pairs)."""
+        if self.baseline is None or col == self.baseline or (row, self.baseline) not in self.cells:
+            return None
+        ours, base = self.cells.get((row, col)), self.cells[row, self.baseline]
+        seeds = sorted(set(ours.values) & set(base.values), key=str) if ours else []
+        if len(seeds) < 2:
+            return None
+        differences = np.array([ours.values[s] - base.values[s] for s in seeds])
+        mean, se = float(differences.mean()), float(differences.std(ddof=1) / math.sqrt(len(seeds)))
+        half = float(stats.t.ppf(0.975, len(seeds) - 1)) * se
+        return mean, mean - half, mean + half, len(seeds)
+
+
+def run_directories(paths: Iterable[str | os.PathLike[str]]) -> list[Path]:
+    """Run directories from ``paths``: run directories themselves, or sweep directories (their trials)."""
+    found: list[Path] = []
+    for raw in paths:
+        path = Path(raw)
+        if (path / RUN_FILE).is_file():
+            found.append(path)
+        elif (path / TRIALS_DIR).is_dir():
+            found += sorted(p for p in (path / TRIALS_DIR).iterdir() if (p / RUN_FILE).is_file())
+        else:
+            raise ConfigError(f"{path} is neither a run directory (no {RUN_FILE}) nor a sweep (no {TRIALS_DIR}/)")
+    return found
+
+
+def final_dev_metric(run: RunRecord, metric: str) -> float | None:
+    """The metric of the run's last dev evaluation in metrics.jsonl, or None."""
+    evals = [r for r in run.records_of("eval") if r.get("split", "dev") == "dev" and metric in r]
+    return float(evals[-1][metric]) if evals else None
+
+
+def build_table(
+    paths: Sequence[str | os.PathLike[str]],
+    *,
+    rows: str = "task",
+    cols: str = "sam",
+    metric: str | None = None,
+    baseline: Any = None,
+) -> Table:
+    """Aggregate the completed runs under ``paths`` into a :class:`Table` (see the module doc)."""
+    runs = [read_run(path) for path in run_directories(paths)]
+    runs = [run for run in runs if run.info.get("status") == COMPLETED]
+    if not runs:
+        raise ConfigError("no completed run found; expected run directories or a sweep with finished trials")
+    cells: dict[tuple[Any, Any], Cell] = {}
+    names = set()
+    for run in runs:
+        config = upgrade_config(dict(run.config))
+        for key in (rows, cols):
+            if key not in config:
+                raise ConfigError(f"run {run.path} has no option {key!r}; expected a key of its run.json config")
+        name = metric or run.metric_name or primary_metric(run.task, [])
+        names.add(name)
+        value = final_dev_metric(run, name) if name else None
+        if value is None:
+            continue
+        cell = cells.setdefault((config[rows], config[cols]), Cell())
+        cell.values[config.get("seed", len(cell.values))] = value
+    if len(names) > 1 and metric is None:
+        raise ConfigError(f"the runs have different primary metrics ({', '.join(sorted(names))}); pass --metric")
+    row_values = list(dict.fromkeys(r for r, _ in cells))
+    col_values = list(dict.fromkeys(c for _, c in cells))
+    if baseline is not None:
+        matched = [c for c in col_values if str(c) == str(baseline)]
+        if not matched:
+            raise ConfigError(f"baseline {baseline!r} is no {cols} of these runs; expected one of {col_values}")
+        baseline = matched[0]
+    return Table(row_values, col_values, cells, names.pop() if names else "?", rows, cols, baseline)
+
+
+def _cell_text(table: Table, row: Any, col: Any) -> str:
+    cell = table.cells.get((row, col))
+    if cell is None:
+        return "–"
+    spread = "" if math.isnan(cell.std) else f" ± {100 * cell.std:.1f}"
+    text = f"{100 * cell.mean:.1f}{spread} (n={len(cell.values)})"
+    paired = table.paired(row, col)
+    if paired is not None:
+        mean, low, high, _ = paired
+        text += f" Δ{100 * mean:+.1f} [{100 * low:+.1f}, {100 * high:+.1f}]"
+    return text
+
+
+def format_table(table: Table, fmt: str = "md") -> str:
+    """The table as Markdown, CSV or LaTeX; the best mean of each row is bold (Markdown, LaTeX) or starred (CSV)."""
+    if fmt not in FORMATS:
+        raise ConfigError(f"format must be one of {', '.join(FORMATS)}, got {fmt!r}")
+    header = [f"{table.row_key} \\ {table.col_key}", *map(str, table.cols), "Avg"]
+    lines = []
+    for row in table.rows:
+        means = {col: table.cells[row, col].mean for col in table.cols if (row, col) in table.cells}
+        best = max(means, key=means.get) if means else None
+        texts = []
+        for col in table.cols:
+            text = _cell_text(table, row, col)
+            if col == best and len(means) > 1:
+                text = {"md": f"**{text}**", "latex": f"\\textbf{{{text}}}", "csv": f"{text} *"}[fmt]
+            texts.append(text)
+        lines.append([str(row), *texts, f"{100 * table.average(row):.1f}"])
+    caption = f"dev {table.metric} × 100, mean ± std over seeds (n runs)"
+    if table.baseline is not None:
+        caption += f"; Δ: paired difference to {table.col_key}={table.baseline}, 95 % t interval"
+    if fmt == "csv":
+        quote = lambda text: '"' + text.replace('"', '""') + '"'  # noqa: E731
+        return "\n".join(",".join(quote(t) for t in line) for line in [header, *lines]) + "\n"
+    if fmt == "latex":
+        body = [" & ".join(line).replace("±", "$\\pm$").replace("Δ", "$\\Delta$") + " \\\\" for line in lines]
+        spec = "l" + "r" * (len(header) - 1)
+        return "\n".join(
+            [f"% {caption}", f"\\begin{{tabular}}{{{spec}}}", " & ".join(header) + " \\\\", "\\hline", *body,
+             "\\end{tabular}"]
+        ) + "\n"  # fmt: skip
+    rule = "|" + "|".join("---" for _ in header) + "|"
+    body = ["| " + " | ".join(line) + " |" for line in lines]
+    return "\n".join([f"{caption}", "", "| " + " | ".join(header) + " |", rule, *body]) + "\n"

@@ -1,0 +1,39 @@
+"""``landscape sweep SPEC.yaml --out DIR``: a grid of training runs and their analyses (see :mod:`analyses.sweep`)."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "sweep",
+        help="train a grid of runs (and analyse each), resumable",
+        description="Train every trial of a sweep spec (base options, a grid and zip of option values, analyses "
+        "of each finished trial) into OUT/trials/<name>; a rerun skips finished trials and resumes the others; a "
+        "failed trial is recorded in OUT/sweep.json and the others go on.",
+    )
+    parser.add_argument("spec", help="YAML with base:, grid:, zip: and analyses:")
+    parser.add_argument("--out", required=True, help="sweep directory")
+    parser.add_argument("--dry-run", action="store_true", help="list the trials, their state and their cost")
+    parser.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from analyses.fisher import EmpiricalFisherMask
+    from analyses.sweep import plan, read_spec, run_sweep
+
+    if args.dry_run:
+        rows = plan(read_spec(args.spec), Path(args.out))
+        for row in rows:
+            config, steps, per_step = row["config"], row["steps"], row["seconds_per_step"]
+            cost = f"~{per_step * steps:.0f} s" if per_step and steps else "time unknown until a trial of it finishes"
+            print(f"{row['name']}: {row['state']}, {config.sam} on {config.task}, {steps or '?'} steps, {cost}")
+        todo = sum(row["state"] != "done" for row in rows)
+        print(f"{len(rows)} trials, {todo} to train (seconds per step measured on the finished trials of a variant)")
+        return 0
+    record = run_sweep(args.spec, args.out, dispatch=args.dispatch, fisher=EmpiricalFisherMask())
+    failed = [name for name, trial in record["trials"].items() if trial["status"] == "failed"]
+    print(f"sweep {args.out}: {len(record['trials']) - len(failed)} trials completed, {len(failed)} failed")
+    return 1 if failed else 0

@@ -1,0 +1,102 @@
+"""``landscape sweep`` and ``landscape table`` on a tiny model: trials and names, skip-done, an isolated failure,
+analyses of each trial, and a table equal to a hand computation from the runs' metrics.jsonl."""
+
+import json
+
+import numpy as np
+import pytest
+import yaml
+from helpers import exit_status
+
+from figures.tables import build_table, format_table
+from landscape.cli.main import main
+
+
+def write_spec(path, tiny_model_dir, tiny_data_dir, without=(), **sections):
+    base = {"task": "sst2", "model": str(tiny_model_dir), "data_dir": str(tiny_data_dir), "lr": 1e-3,
+            "batch_size": 8, "max_steps": 3, "save_every": 100, "dropout": 0.0}  # fmt: skip
+    base = {key: value for key, value in base.items() if key not in without}
+    path.write_text(yaml.safe_dump({"base": base, **sections}))
+    return path
+
+
+@pytest.fixture(scope="module")
+def sweep(tmp_path_factory, tiny_model_dir, tiny_data_dir):
+    root = tmp_path_factory.mktemp("sweep")
+    spec = write_spec(root / "spec.yaml", tiny_model_dir, tiny_data_dir, grid={"sam": ["none", "sam"], "seed": [1, 2]},
+                      analyses={"sharpness": {"rho": 0.01, "sigma": 0.01, "pgd_steps": 1, "samples": 4}})  # fmt: skip
+    assert main(["sweep", str(spec), "--out", str(root / "out")]) == 0
+    return spec, root / "out"
+
+
+def test_every_trial_is_a_named_run_with_its_analyses(sweep):
+    _, out = sweep
+    record = json.loads((out / "sweep.json").read_text())
+    assert list(record["trials"]) == ["sam=none,seed=1", "sam=none,seed=2", "sam=sam,seed=1", "sam=sam,seed=2"]
+    assert all(t["status"] == "completed" for t in record["trials"].values())
+    for name in record["trials"]:
+        config = json.loads((out / "trials" / name / "run.json").read_text())["config"]
+        assert f"sam={config['sam']},seed={config['seed']}" == name
+        assert (out / "trials" / name / "analyses" / "sharpness" / "meta.json").is_file()
+
+
+def test_a_rerun_skips_finished_trials(sweep, capsys):
+    spec, out = sweep
+    before = {p: p.stat().st_mtime_ns for p in out.glob("trials/*/final.safetensors")}
+    assert main(["sweep", str(spec), "--out", str(out)]) == 0
+    assert capsys.readouterr().out.count("skipped (done)") == 4
+    assert {p: p.stat().st_mtime_ns for p in out.glob("trials/*/final.safetensors")} == before
+    assert main(["sweep", str(spec), "--out", str(out), "--dry-run"]) == 0
+    assert capsys.readouterr().out.count(": done,") == 4
+
+
+def test_the_table_is_the_hand_computed_mean_and_std_of_the_runs_records(sweep, capsys):
+    _, out = sweep
+    expected = {}
+    for sam in ("none", "sam"):
+        values = []
+        for seed in (1, 2):
+            lines = (out / "trials" / f"sam={sam},seed={seed}" / "metrics.jsonl").read_text().splitlines()
+            evals = [json.loads(line) for line in lines if json.loads(line)["kind"] == "eval"]
+            values.append(evals[-1]["accuracy"])
+        expected[sam] = (np.mean(values), np.std(values, ddof=1))
+    table = build_table([out], rows="task", cols="sam", baseline="none")
+    for sam, (mean, std) in expected.items():
+        cell = table.cells["sst2", sam]
+        assert cell.mean == pytest.approx(mean) and (
+            cell.std == pytest.approx(std) or np.isnan(std) == np.isnan(cell.std)
+        )
+    assert table.average("sst2") == pytest.approx((expected["none"][0] + expected["sam"][0]) / 2)
+    assert main(["table", str(out), "--baseline", "none"]) == 0
+    text = capsys.readouterr().out
+    assert f"{100 * expected['none'][0]:.1f}" in text and "(n=2)" in text and "Δ" in text
+    assert format_table(table, "latex").count("\\\\") == 2 and format_table(table, "csv").count("\n") == 2
+
+
+def test_a_failing_trial_is_recorded_and_the_others_run(tmp_path, tiny_model_dir, tiny_data_dir, capsys):
+    spec = write_spec(tmp_path / "spec.yaml", tiny_model_dir, tiny_data_dir, without=("task",),
+                      grid={"task": ["cola", "sst2"]})  # fmt: skip
+    assert main(["sweep", str(spec), "--out", str(tmp_path / "out")]) == 1  # cola's data is not in the tiny data dir
+    record = json.loads((tmp_path / "out" / "sweep.json").read_text())
+    assert record["trials"]["task=cola"]["status"] == "failed" and "CoLA" in record["trials"]["task=cola"]["error"]
+    assert record["trials"]["task=sst2"]["status"] == "completed"
+    capsys.readouterr()
+
+
+@pytest.mark.parametrize(
+    ("sections", "message"),
+    [
+        ({"grid": {"seed": [1]}, "grids": {}}, "unknown key 'grids'"),
+        ({"zip": {"seed": [1, 2], "lr": [1e-3]}}, "different lengths"),
+        ({"grid": {"seed": []}}, "non-empty list"),
+        ({"grid": {"lr": [1e-3]}}, "set twice"),
+        ({"grid": {"rho": [-1.0]}}, "rho must be >= 0"),
+        ({"analyses": {"surfaces": {}}}, "analysis 'surfaces' is unknown"),
+    ],
+)
+def test_bad_specs_are_one_line(sections, message, tmp_path, tiny_model_dir, tiny_data_dir, capsys):
+    spec = write_spec(tmp_path / "spec.yaml", tiny_model_dir, tiny_data_dir, **sections)
+    assert exit_status(["sweep", str(spec), "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and message in err
+    assert not (tmp_path / "out").exists()
