@@ -135,6 +135,7 @@ def compute_hessian(
     weights: str = "final",
     overwrite: bool = False,
     progress: bool = False,
+    device: str = "cpu",
 ) -> tuple[Result, bool]:
     """The ``hessian`` result of the run's ``weights``, saved to ``out``; returns ``(result, skipped)``.
 
@@ -147,7 +148,7 @@ def compute_hessian(
     which = options.resolved_which()
     parameter_filter = name_filter(options.params)
     run = data.open_run(run_path)
-    loaded = load_run_model(run, weights, attn_implementation="eager")
+    loaded = load_run_model(run, weights, attn_implementation="eager", device=device)
     model = loaded.model
     subset = data.subset(run, loaded.tokenizer)
     checkpoint = content_hash(model_parameters(model))

@@ -252,6 +252,7 @@ def compute_fisher(
     bins: int = DEFAULT_BINS,
     data: DataSelection | None = None,
     overwrite: bool = False,
+    device: str = "cpu",
 ) -> tuple[Result, bool]:
     """The ``fisher`` result of the run's ``weights`` on the examples ``data`` selects, saved to ``out``.
 
@@ -270,7 +271,7 @@ def compute_fisher(
     log10_edges({}, bins)  # validates the number of bins
     data = data or DataSelection(split="train", samples=128)
     run = data.open_run(run_path)
-    loaded = load_run_model(run, weights)
+    loaded = load_run_model(run, weights, device=device)
     subset = data.subset(run, loaded.tokenizer)
     identity: dict[str, Any] = {
         "kind": "fisher",
@@ -290,7 +291,7 @@ def compute_fisher(
                 f"--compare needs a run of the same model: {run.path} uses {run.model!r}, "
                 f"{other_run.path} uses {other_run.model!r}"
             )
-        other_model = load_run_model(other_run, compare_weights or "final").model
+        other_model = load_run_model(other_run, compare_weights or "final", device=device).model
         check_same_keys_and_shapes(
             model_parameters(loaded.model),
             model_parameters(other_model),

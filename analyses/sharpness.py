@@ -511,6 +511,7 @@ def compute_sharpness(
     weights: str = "final",
     overwrite: bool = False,
     progress: bool = False,
+    device: str = "cpu",
 ) -> tuple[Result, bool]:
     """Load the run's ``weights``, compute :func:`sharpness_result` and save it to ``out``; ``(result, skipped)``.
 
@@ -525,7 +526,7 @@ def compute_sharpness(
     seed = data.seed
     run = data.open_run(run_path)
     needs_hessian = top_k > 0 or trace_samples > 0
-    loaded = load_run_model(run, weights, attn_implementation="eager" if needs_hessian else None)
+    loaded = load_run_model(run, weights, attn_implementation="eager" if needs_hessian else None, device=device)
     subset = data.subset(run, loaded.tokenizer)
     checkpoint = content_hash(model_parameters(loaded.model))
     identity = {

@@ -45,7 +45,12 @@ def add_data_arguments(parser: argparse.ArgumentParser, *, samples: int | None, 
 
 
 def add_output_arguments(parser: argparse.ArgumentParser) -> None:
-    """``--out --overwrite --progress/--no-progress``."""
+    """``--out --overwrite --progress/--no-progress --device``."""
+    parser.add_argument(
+        "--device",
+        default="auto",
+        help="auto (CUDA when available, else MPS, else CPU), cpu, cuda, cuda:N or mps; results are the same files",
+    )
     parser.add_argument("--out", required=True, help="result directory; a rerun with the same --out resumes")
     parser.add_argument("--overwrite", action="store_true", help="replace a result computed with other parameters")
     parser.add_argument(

@@ -27,6 +27,7 @@ def collect() -> dict[str, object]:
 
     from landscape import __version__
     from landscape.core.provenance import git_revision
+    from landscape.models.devices import resolve_device
 
     versions = {}
     for name in PACKAGES:
@@ -46,6 +47,7 @@ def collect() -> dict[str, object]:
         "cuda_available": torch.cuda.is_available(),
         "cuda_devices": [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())],
         "mps_available": bool(getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()),
+        "device_auto_picks": str(resolve_device("auto")),
         "environment": {name: os.environ.get(name) for name in ENV_VARS},
     }
 

@@ -11,6 +11,7 @@ from landscape.core.errors import CheckpointError, ConfigError
 from landscape.core.rundir import find_run_dir, read_run_info
 from landscape.data.encoding import default_cache_dir, encode_split
 from landscape.data.tasks import get_task, load_split, resolve_data_dir
+from landscape.models.devices import resolve_device
 from landscape.models.evaluation import evaluate
 from landscape.models.loading import load_model
 from landscape.models.weights import PICKLE_SUFFIXES, load_weights_into, read_safetensors
@@ -30,6 +31,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--weights", choices=("final", "init"), default="final", help="which weights of a run")
     parser.add_argument("--split", choices=("dev", "train"), default="dev")
     parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--device", default="auto", help="auto (CUDA, else MPS, else CPU), cpu, cuda, cuda:N or mps")
     parser.add_argument("--max-length", type=positive_int, help="maximum tokens per example (default: the run's)")
     parser.add_argument("--json", action="store_true", help="print the metrics as JSON")
     parser.set_defaults(run=run)
@@ -68,8 +70,10 @@ def run(args: argparse.Namespace) -> int:
     task = get_task(task_name)
     data_dir = resolve_data_dir(args.data_dir or run_config.get("data_dir"))
     examples = load_split(task, args.split, data_dir)
+    device = resolve_device(args.device)  # before any loading: a machine without that device says so first
     loaded = load_model(model_name, task, seed=0)
     load_weights_into(loaded.model, weights_file)
+    loaded.model.to(device)
     encoded = encode_split(
         examples,
         loaded.tokenizer,

@@ -62,6 +62,7 @@ def run(args: argparse.Namespace) -> int:
         bins=args.bins,
         data=data,
         overwrite=args.overwrite,
+        device=args.device,
     )
     state = "already complete, nothing recomputed" if skipped else "written"
     overlap = f", mask IoU {result.meta['compare']['iou']:.4f}" if "compare" in result.meta else ""

@@ -111,7 +111,7 @@ def run(args: argparse.Namespace) -> int:
     )
     result, skipped = compute_hessian(
         args.run_dir, args.out, options, data=data_selection(args), weights=args.weights,
-        overwrite=args.overwrite, progress=args.progress,
+        overwrite=args.overwrite, progress=args.progress, device=args.device,
     )  # fmt: skip
     if skipped:
         print(f"{args.out}: complete with these parameters, nothing to do")

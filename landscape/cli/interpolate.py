@@ -78,6 +78,7 @@ def run(args: argparse.Namespace) -> int:
         ray_address=args.ray_address,
         workers=args.workers,
         overwrite=args.overwrite,
+        device=args.device,
         max_cells=args.max_cells,
         progress=args.progress,
     )

@@ -100,6 +100,7 @@ def run(args: argparse.Namespace) -> int:
         data=data,
         weights=args.weights,
         overwrite=args.overwrite,
+        device=args.device,
         progress=args.progress,
     )
     pgd = ", ".join(

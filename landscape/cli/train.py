@@ -10,6 +10,7 @@ from analyses.fisher import FISHER_MODES, EmpiricalFisherMask
 from landscape.core.config import build_config, load_yaml, parse_overrides
 from landscape.core.errors import ConfigError
 from landscape.data.tasks import get_task
+from landscape.models.devices import PRECISIONS
 from landscape.training.config import TrainConfig, refuse_renamed
 from landscape.training.loop import train
 from landscape.training.recipes import RECIPES, recipe_options
@@ -65,6 +66,8 @@ HELP = {
     "recipe": "a paper's preset for the task: fsam (FSAM 4.2 / Table 10), delta-sam (delta-SAM Table 3), "
     "bahri (efficient SAM, Alg. 1); options you set win",
     "adam_beta1": "Adam / AdamW / AMSGrad beta1 (FSAM Table 9: 0)",
+    "device": "auto (CUDA when available, else MPS, else CPU), cpu, cuda, cuda:N or mps",
+    "precision": "fp32, or bf16 autocast (weights, optimizer state and SAM's epsilon stay fp32); fp16 is refused",
     "adam_beta2": "Adam / AdamW / AMSGrad beta2",
     "init_from": "start from the encoder of this .safetensors file or run directory (its final weights); "
     "the head is this task's fresh, seeded one",
@@ -75,6 +78,7 @@ CHOICES = {
     "sam": SAM_VARIANTS,
     "fisher_mode": FISHER_MODES,
     "recipe": RECIPES,
+    "precision": PRECISIONS,
     "delta_weights": ("clipped", "literal"),
 }
 

@@ -26,27 +26,31 @@ def model_parameters(model: nn.Module) -> dict[str, torch.Tensor]:
     return {name: param for name, param in model.named_parameters()}
 
 
-def check_same_keys_and_shapes(a: Mapping[str, torch.Tensor], b: Mapping[str, torch.Tensor], what: str) -> None:
-    """Raise :class:`CheckpointError` naming the first (in sorted order) name or shape where ``a`` and ``b`` differ.
+def key_shape_differences(expected: Mapping[str, torch.Tensor], found: Mapping[str, torch.Tensor]) -> list[str]:
+    """What keeps ``found`` from fitting ``expected``: ``["2 missing (e.g. a)", "1 unexpected (e.g. b)",
+    "1 of other shape (e.g. c (3, 5) vs (3, 4))"]`` (found's shape first), empty when the two match."""
+    missing = sorted(set(expected) - set(found))
+    unexpected = sorted(set(found) - set(expected))
+    shapes = [
+        f"{name} {tuple(found[name].shape)} vs {tuple(expected[name].shape)}"
+        for name in sorted(set(expected) & set(found))
+        if found[name].shape != expected[name].shape
+    ]
+    return [
+        f"{len(names)} {kind} (e.g. {names[0]})"
+        for names, kind in ((missing, "missing"), (unexpected, "unexpected"), (shapes, "of other shape"))
+        if names
+    ]
 
-    ``what`` says what is being compared (e.g. ``"θ0 and θ1"``) and starts the message.
-    """
-    for name in sorted(set(a) | set(b)):
-        if name not in b:
-            raise CheckpointError(
-                f"{what} differ: {name!r} is in the first but not the second "
-                f"({len(a)} vs {len(b)} tensors); expected the same architecture and head"
-            )
-        if name not in a:
-            raise CheckpointError(
-                f"{what} differ: {name!r} is in the second but not the first "
-                f"({len(a)} vs {len(b)} tensors); expected the same architecture and head"
-            )
-        if a[name].shape != b[name].shape:
-            raise CheckpointError(
-                f"{what} differ: {name!r} has shape {tuple(a[name].shape)} in the first and "
-                f"{tuple(b[name].shape)} in the second; expected the same architecture and head"
-            )
+
+def check_same_keys_and_shapes(
+    expected: Mapping[str, torch.Tensor], found: Mapping[str, torch.Tensor], what: str
+) -> None:
+    """The one key and shape check: raise :class:`CheckpointError` ``"<what>: <differences>; expected the same
+    architecture and head"`` when ``found`` does not have exactly ``expected``'s names and shapes."""
+    problems = key_shape_differences(expected, found)
+    if problems:
+        raise CheckpointError(f"{what}: {', '.join(problems)}; expected the same architecture and head")
 
 
 def combine(theta: Mapping[str, torch.Tensor], terms: Sequence[tuple[float, Mapping[str, torch.Tensor]]]) -> Params:

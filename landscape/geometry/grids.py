@@ -59,8 +59,12 @@ class CellEvaluator:
         check_same_keys_and_shapes(current, theta, "the model's parameters and θ")
         for k, direction in enumerate(directions):
             check_same_keys_and_shapes(current, direction, f"the model's parameters and direction {k}")
-        self._theta = {name: theta[name].detach().to(current[name].dtype).clone() for name in current}
-        self._directions = [{name: d[name].detach() for name in current} for d in directions]
+        # θ and the directions on the model's device (a grid point is written there), θ in the model's dtype
+        self._theta = {
+            name: theta[name].detach().to(device=current[name].device, dtype=current[name].dtype, copy=True)
+            for name in current
+        }
+        self._directions = [{name: d[name].detach().to(current[name].device) for name in current} for d in directions]
         self._saved: AbstractContextManager[nn.Module] | None = None
 
     def __enter__(self) -> CellEvaluator:
@@ -109,12 +113,13 @@ class GridJob:
     weights: str
     directions_file: str
     data: DataSelection
+    device: str = "cpu"
 
     @contextmanager
     def evaluator(self) -> Iterator[CellEvaluator]:
         """Load the run's model, θ, the directions and the subset once; yield an entered evaluator."""
         run = self.data.open_run(self.run_path)
-        loaded = load_run_model(run, self.weights)
+        loaded = load_run_model(run, self.weights, device=self.device)
         theta = read_run_weights(run, loaded.model, self.weights)
         directions, _ = load_directions(self.directions_file)
         subset = self.data.subset(run, loaded.tokenizer)

@@ -34,6 +34,7 @@ from landscape.geometry.directions import (
     save_directions,
 )
 from landscape.geometry.grids import EXECUTORS, Cell, GridJob, chunked, make_executor
+from landscape.models.devices import resolve_device
 from landscape.models.jobs import AnalysisJob, DataSelection
 from landscape.models.runs import Run, load_run_model, open_run, read_run_weights
 from landscape.models.weights import read_safetensors
@@ -170,6 +171,7 @@ def compute_surface(
     progress: bool = False,
     chunk_size: int | None = None,
     max_cells: int = MAX_CELLS,
+    device: str = "cpu",
 ) -> Result:
     """Loss and metric of the run's ``weights`` on a 1-D (``dims=1``) or 2-D grid along random directions.
 
@@ -180,6 +182,7 @@ def compute_surface(
     draws the directions). Returns the ``surface`` result (arrays ``a``, ``b`` for 2-D, ``loss``, ``metric``,
     ``done``; see docs/results.md).
     """
+    resolve_device(device)  # a device this machine lacks is refused before anything is computed or written
     if dims not in (1, 2):
         raise ConfigError(f"dims must be 1 or 2, got {dims!r}")
     if norm not in NORMS:
@@ -245,7 +248,9 @@ def compute_surface(
         axes = {"a": a, "b": b}
     else:
         shape, coefficients, axes = (n_a,), [(float(x),) for x in a], {"a": a}
-    grid_job = GridJob(run_path=str(run.path), weights=weights, directions_file=str(directions_path), data=data)
+    grid_job = GridJob(
+        run_path=str(run.path), weights=weights, directions_file=str(directions_path), data=data, device=device
+    )
     meta = {
         "dims": dims,
         "run": run.describe(),
@@ -296,6 +301,7 @@ def compute_interpolation(
     progress: bool = False,
     chunk_size: int | None = None,
     max_cells: int = MAX_CELLS,
+    device: str = "cpu",
 ) -> Result:
     """``L(θ1 + α(θ1 − θ0))`` for ``points`` values of α in ``alpha_range`` (FSAM Fig. 5).
 
@@ -305,6 +311,7 @@ def compute_interpolation(
     random direction normalised per ``norm``. α = 0 gives θ1 and α = −1 gives θ0, bitwise. For a model checkpoint
     (not a run directory) θ0 is ``init``'s encoder with a fresh head seeded by 0 (``landscape.models.runs.Run``).
     """
+    resolve_device(device)
     if to is not None and random:
         raise ConfigError("choose either another run (--to) or a random direction (--random), not both")
     check_cells(points, max_cells, f"{points} points")
@@ -352,7 +359,9 @@ def compute_interpolation(
         out.mkdir(parents=True, exist_ok=True)
         save_directions(directions_path, [direction], {"kind": endpoint, "theta1_sha256": theta1_sha})
     del loaded, theta0
-    grid_job = GridJob(run_path=str(run.path), weights="final", directions_file=str(directions_path), data=data)
+    grid_job = GridJob(
+        run_path=str(run.path), weights="final", directions_file=str(directions_path), data=data, device=device
+    )
     meta = {
         "run": run.describe(),
         "data": subset.describe(),

@@ -13,7 +13,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from landscape.core.errors import CheckpointError, ConfigError
+from landscape.core.errors import ConfigError
+from landscape.core.params import check_same_keys_and_shapes
 from landscape.data.tasks import TaskSpec
 
 MODEL_ALIASES = ("minilm",)
@@ -161,23 +162,4 @@ def _first_line(exc: BaseException) -> str:
 
 def check_compatible(expected: dict[str, torch.Tensor], found: dict[str, torch.Tensor], source: str) -> None:
     """Refuse a checkpoint whose parameter names or shapes differ from the model's (another architecture or head)."""
-    missing = sorted(set(expected) - set(found))
-    extra = sorted(set(found) - set(expected))
-    shapes = [
-        f"{name} {tuple(found[name].shape)} vs {tuple(expected[name].shape)}"
-        for name in sorted(set(expected) & set(found))
-        if found[name].shape != expected[name].shape
-    ]
-    if missing or extra or shapes:
-        parts = []
-        if missing:
-            parts.append(f"{len(missing)} missing (e.g. {missing[0]})")
-        if extra:
-            parts.append(f"{len(extra)} unexpected (e.g. {extra[0]})")
-        if shapes:
-            parts.append(f"{len(shapes)} of other shape (e.g. {shapes[0]})")
-        raise CheckpointError(
-            f"checkpoint {source} does not fit the model: "
-            + ", ".join(parts)
-            + "; expected the same architecture and head"
-        )
+    check_same_keys_and_shapes(expected, found, f"checkpoint {source} does not fit the model")

@@ -26,6 +26,7 @@ from landscape.core.rundir import RUN_FILE, read_run_info
 from landscape.data.encoding import EncodedSplit, collate, default_cache_dir, encode_split
 from landscape.data.metrics import compute_metrics
 from landscape.data.tasks import TaskSpec, get_task, load_split, resolve_data_dir, seeded_indices
+from landscape.models.devices import resolve_device
 from landscape.models.evaluation import outputs_over
 from landscape.models.loading import LoadedModel, check_compatible, load_model, quiet_transformers, resolve_model_path
 from landscape.models.weights import load_weights_into, read_safetensors
@@ -178,7 +179,9 @@ def check_labels(model: str, task: TaskSpec) -> None:
         )
 
 
-def load_run_model(run: Run, weights: str = "final", *, attn_implementation: str | None = None) -> LoadedModel:
+def load_run_model(
+    run: Run, weights: str = "final", *, attn_implementation: str | None = None, device: str | None = None
+) -> LoadedModel:
     """The run's architecture with ``weights`` loaded, in eval mode, gradients off.
 
     ``attn_implementation="eager"`` for anything that needs double backward (Hessian-vector products): PyTorch's
@@ -197,6 +200,8 @@ def load_run_model(run: Run, weights: str = "final", *, attn_implementation: str
         )
         load_weights_into(loaded.model, run.weights_file(weights))
     loaded.model.eval()
+    if device is not None:  # --device: the analyses compute there; their results are stored from the CPU
+        loaded.model.to(resolve_device(device))
     for parameter in loaded.model.parameters():
         parameter.requires_grad_(False)
     return loaded

@@ -24,7 +24,8 @@ PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
 
 def save_weights(path: str | Path, model: nn.Module, metadata: dict[str, str] | None = None) -> None:
     """Write the model's parameters to ``path`` (safetensors) atomically."""
-    tensors = {name: param.detach().contiguous().clone() for name, param in model_parameters(model).items()}
+    # to("cpu", copy=True): a snapshot, on the CPU whatever the device (the files are the same)
+    tensors = {name: p.detach().to("cpu", copy=True).contiguous() for name, p in model_parameters(model).items()}
     write_safetensors(path, tensors, {"format": "pt", **(metadata or {})})
 
 

@@ -35,7 +35,7 @@ def flatten_state(tree: Any, prefix: str = "") -> tuple[dict[str, torch.Tensor],
 
     def walk(node: Any, path: str) -> Any:
         if isinstance(node, torch.Tensor):
-            tensors[path] = node.detach().contiguous().clone()
+            tensors[path] = node.detach().to("cpu", copy=True).contiguous()
             return {"__tensor__": path}
         if isinstance(node, dict):
             if all(isinstance(key, str) for key in node):
@@ -65,12 +65,17 @@ def rng_state() -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """Global RNG states (torch, numpy, python) as tensors + JSON."""
     kind, keys, pos, has_gauss, cached = np.random.get_state()
     tensors = {"torch": torch.get_rng_state(), "numpy": torch.from_numpy(np.asarray(keys, dtype=np.uint32).copy())}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():  # dropout on a GPU draws from its generator
+        tensors.update({f"cuda/{i}": state for i, state in enumerate(torch.cuda.get_rng_state_all())})
     rest = {"numpy": [kind, int(pos), int(has_gauss), float(cached)], "python": _to_json(random.getstate())}
     return tensors, rest
 
 
 def set_rng_state(tensors: dict[str, torch.Tensor], rest: dict[str, Any]) -> None:
     torch.set_rng_state(tensors["torch"])
+    cuda = [tensors[f"cuda/{i}"] for i in range(len(tensors)) if f"cuda/{i}" in tensors]
+    if cuda and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(cuda)
     kind, pos, has_gauss, cached = rest["numpy"]
     np.random.set_state((kind, tensors["numpy"].numpy(), pos, has_gauss, cached))
     random.setstate(_from_json(rest["python"]))

@@ -14,6 +14,7 @@ from typing import Any
 from landscape.core.errors import ConfigError
 from landscape.core.rundir import RENAMED_OPTIONS, upgrade_config
 from landscape.data.tasks import get_task
+from landscape.models.devices import autocast_dtype, resolve_device
 from landscape.training.recipes import DEFAULT_RECIPE, PAPER_RECIPES, RECIPES, with_recipe
 from optimizers.base import BASE_OPTIMIZERS
 from optimizers.variants import CORE_SETTINGS, SAM_VARIANTS, get_variant
@@ -58,6 +59,8 @@ class TrainConfig:
     keep_checkpoints: int = 1
     eval_batch_size: int = 64
     dropout: float | None = None  # None: the model config's dropout
+    device: str = "auto"  # auto (CUDA, else MPS, else CPU), cpu, cuda, cuda:N, mps; a run may resume elsewhere
+    precision: str = "fp32"  # fp32, or bf16 autocast (master weights and SAM's arithmetic stay fp32)
     # --- the sharpness-aware family (optimizers.variants); "none" is the base optimizer alone
     sam: str = "none"
     rho: float = 0.05
@@ -157,6 +160,8 @@ class TrainConfig:
         for name in ("mask_interval", "fisher_samples"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{name} must be > 0, got {getattr(self, name)}")
+        resolve_device(self.device)  # refuses an unknown device or one this machine lacks, before anything is written
+        autocast_dtype(self.precision)
         if not isinstance(self.fisher_mode, str) or not self.fisher_mode:
             raise ConfigError(f"fisher_mode must be a non-empty name, got {self.fisher_mode!r}")
         for name in ("momentum", "adam_beta1", "adam_beta2"):
@@ -192,4 +197,5 @@ def comparable(config: dict[str, Any]) -> dict[str, Any]:
     Options added to :class:`TrainConfig` after a run was written take their defaults, so older runs still resume.
     """
     defaults = {f.name: f.default for f in fields(TrainConfig) if f.default is not MISSING}
-    return {k: v for k, v in {**defaults, **upgrade_config(config)}.items() if k not in ("out", "data_dir")}
+    ignored = ("out", "data_dir", "device")  # a run may resume on another device: its arithmetic is the same
+    return {k: v for k, v in {**defaults, **upgrade_config(config)}.items() if k not in ignored}

@@ -12,7 +12,7 @@ from typing import Any
 import torch
 
 from landscape.core.errors import CheckpointError, ConfigError
-from landscape.core.params import content_hash, model_parameters
+from landscape.core.params import content_hash, key_shape_differences, model_parameters
 from landscape.core.rundir import FINAL_WEIGHTS, has_run
 from landscape.models.weights import read_safetensors
 
@@ -55,19 +55,9 @@ def load_encoder_from(model: torch.nn.Module, source: str | Path) -> dict[str, A
     head = set(head_parameter_names(model))
     prefix = model.base_model_prefix + "."
     encoder = {name: param for name, param in params.items() if name not in head}
-    missing = sorted(name for name in encoder if name not in found)
-    unexpected = sorted(name for name in found if name.startswith(prefix) and name not in encoder)
-    shapes = sorted(
-        f"{name} {tuple(found[name].shape)} vs {tuple(param.shape)}"
-        for name, param in encoder.items()
-        if name in found and found[name].shape != param.shape
-    )
-    if missing or unexpected or shapes:
-        problems = [
-            f"{len(names)} {what} (e.g. {names[0]})"
-            for names, what in ((missing, "missing"), (unexpected, "unexpected"), (shapes, "of other shape"))
-            if names
-        ]
+    # The source's own head (any shape) is not used: compare the encoder tensors only.
+    problems = key_shape_differences(encoder, {name: t for name, t in found.items() if name.startswith(prefix)})
+    if problems:
         raise CheckpointError(
             f"--init-from {path}: its encoder does not fit the model ({', '.join(problems)}); "
             "expected weights of the same architecture"

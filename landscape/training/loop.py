@@ -44,6 +44,7 @@ from landscape.core.rundir import (
 from landscape.data.encoding import EncodedSplit, collate, default_cache_dir, encode_split
 from landscape.data.losses import per_example_loss
 from landscape.data.tasks import TaskSpec, get_task, load_split, resolve_data_dir, subsample_indices
+from landscape.models.devices import autocast_dtype, resolve_device
 from landscape.models.evaluation import evaluate
 from landscape.models.loading import load_model, load_tokenizer
 from landscape.models.weights import load_weights_into, save_weights
@@ -235,11 +236,14 @@ def _train(
     if warmup_steps >= total_steps and total_steps > 1:
         raise ConfigError(f"warm-up ({warmup_steps} steps) must be shorter than training ({total_steps} steps)")
 
+    device = resolve_device(config.device)
+    autocast = autocast_dtype(config.precision)
     loaded = load_model(config.model, data.task, seed=config.seed, dropout=config.dropout)
     model = loaded.model
     # θ0 of a transfer run: the other run's encoder and this task's fresh head (a resumed run reloads its own θ0).
     init_record = load_encoder_from(model, config.init_from) if config.init_from and not resuming else None
     trainable = freeze_all_but_head(model) if config.freeze_encoder else None
+    model.to(device)  # before the optimizer is built: its state lives where the parameters do
     optimizer = build_optimizer(config, model)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, linear_schedule(warmup_steps, total_steps))
 
@@ -303,7 +307,7 @@ def _train(
         batch = collate(data.train, indices, data.pad_token_id)
         lr = optimizer.param_groups[0]["lr"]
         try:
-            losses = optimizer.step(batch_closure(model, batch))
+            losses = optimizer.step(batch_closure(model, batch, autocast=autocast))
         except NonFiniteLossError as exc:
             bar.close()
             diverged(run_dir, run_info, step + 1, f"the loss is not finite ({exc})", config, checkpoints_dir)
@@ -399,12 +403,23 @@ def build_optimizer(config: TrainConfig, model: torch.nn.Module) -> torch.optim.
         raise ConfigError(str(exc)) from exc
 
 
-def batch_closure(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> BatchClosure:
-    """The closure the optimizer calls: per-example losses of ``batch`` or of its rows ``indices``."""
+def batch_closure(
+    model: torch.nn.Module, batch: dict[str, torch.Tensor], *, autocast: torch.dtype | None = None
+) -> BatchClosure:
+    """The closure the optimizer calls: per-example losses of ``batch`` or of its rows ``indices``.
+
+    The batch moves to the model's device once; with ``autocast`` (bf16) the forward runs under ``torch.autocast``
+    and the losses come back in float32 (cross-entropy autocasts to float32), so ε and the norms stay float32.
+    """
+    device = next(model.parameters()).device
+    batch = {key: value.to(device) for key, value in batch.items()}
 
     def losses_of(indices: torch.Tensor | None) -> torch.Tensor:
-        rows = batch if indices is None else {key: value[indices] for key, value in batch.items()}
-        return per_example_loss(model, rows)
+        rows = batch if indices is None else {key: value[indices.to(device)] for key, value in batch.items()}
+        if autocast is None:
+            return per_example_loss(model, rows)
+        with torch.autocast(device.type, dtype=autocast):
+            return per_example_loss(model, rows).float()
 
     return BatchClosure(losses_of, int(batch["labels"].shape[0]))
 

@@ -1,0 +1,57 @@
+"""Which device a command computes on (``--device``) and in which precision it trains (``--precision``).
+
+``auto`` is CUDA when available, else Apple's MPS when available, else the CPU. Results are always stored from the
+CPU, in the same files whatever the device. Training precision: ``fp32``, or ``bf16`` through ``torch.autocast``
+(master weights, optimizer state, ε and every norm stay float32; the CPU supports it too). ``fp16`` is refused: it
+needs a loss scaler that is correct for SAM's two backward passes (ε from unscaled gradients, a skipped step
+undoing the perturbation), which this version does not have; bf16 has fp32's range and needs none.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from landscape.core.errors import ConfigError
+
+DEVICES = ("auto", "cpu", "cuda", "cuda:N", "mps")
+PRECISIONS = ("fp32", "bf16", "fp16")
+
+
+def resolve_device(name: str) -> torch.device:
+    """The torch device ``--device name`` means on this machine; one line naming the problem when it has none."""
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    if name == "cpu":
+        return torch.device("cpu")
+    if name == "mps":
+        if getattr(torch.backends, "mps", None) is None or not torch.backends.mps.is_available():
+            raise ConfigError("--device mps: this machine has no MPS device; use --device cpu or auto")
+        return torch.device("mps")
+    if name == "cuda" or name.startswith("cuda:"):
+        if not torch.cuda.is_available():
+            raise ConfigError(f"--device {name}: CUDA is not available on this machine; use --device cpu or auto")
+        index = name.partition(":")[2]
+        if index and (not index.isdigit() or int(index) >= torch.cuda.device_count()):
+            raise ConfigError(
+                f"--device {name}: expected cuda:0 .. cuda:{torch.cuda.device_count() - 1} on this machine"
+            )
+        return torch.device(name)
+    raise ConfigError(f"--device {name!r} is unknown; expected one of {', '.join(DEVICES)}")
+
+
+def autocast_dtype(precision: str) -> torch.dtype | None:
+    """The autocast dtype of ``--precision`` (None: fp32, no autocast); fp16 is refused (see the module doc)."""
+    if precision == "fp32":
+        return None
+    if precision == "bf16":
+        return torch.bfloat16
+    if precision == "fp16":
+        raise ConfigError(
+            "--precision fp16 needs a loss scaler correct for SAM's two backward passes, which this version does "
+            "not have; use --precision bf16 (same range as fp32, no scaler needed)"
+        )
+    raise ConfigError(f"--precision {precision!r} is unknown; expected one of {', '.join(PRECISIONS)}")

@@ -1,0 +1,74 @@
+"""--device and --precision: every analysis with --device cpu explicitly, a missing device refused in one line,
+and bf16 autocast training on the CPU tracking fp32."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from helpers import exit_status
+
+from landscape.cli.main import main
+from landscape.models.devices import autocast_dtype, resolve_device
+
+
+def test_devices_resolve_or_are_refused_with_one_line():
+    assert resolve_device("cpu") == torch.device("cpu")
+    assert resolve_device("auto").type in ("cpu", "cuda", "mps")
+    from landscape.core.errors import ConfigError
+
+    for name, message in (("tpu", "unknown"), ("cuda:x", "CUDA" if not torch.cuda.is_available() else "cuda:0")):
+        with pytest.raises(ConfigError, match=message):
+            resolve_device(name)
+    if not torch.cuda.is_available():
+        with pytest.raises(ConfigError, match="CUDA is not available on this machine"):
+            resolve_device("cuda")
+    assert autocast_dtype("fp32") is None and autocast_dtype("bf16") is torch.bfloat16
+    with pytest.raises(ConfigError, match="loss scaler"):
+        autocast_dtype("fp16")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without CUDA")
+def test_cuda_on_a_cpu_machine_is_one_line_and_writes_nothing(tiny_run, tmp_path, capsys):
+    for argv in (["train", "--task", "sst2", "--out", str(tmp_path / "run"), "--device", "cuda"],
+                 ["surface", str(tiny_run), "--out", str(tmp_path / "s"), "--device", "cuda", "--grid", "2"],
+                 ["eval", str(tiny_run), "--device", "cuda:0"]):  # fmt: skip
+        assert exit_status(argv) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and "CUDA is not available" in err
+    assert not (tmp_path / "run").exists() and not (tmp_path / "s").exists()
+
+
+def test_every_analysis_runs_with_an_explicit_cpu_device(tiny_run, tmp_path, capsys):
+    common = ["--samples", "4", "--device", "cpu"]
+    for argv in (
+        ["surface", str(tiny_run), "--grid", "2", "--out", str(tmp_path / "surface")],
+        ["interpolate", str(tiny_run), "--points", "3", "--out", str(tmp_path / "interpolation")],
+        ["hessian", str(tiny_run), "--top-k", "1", "--out", str(tmp_path / "hessian")],
+        ["fisher", str(tiny_run), "--out", str(tmp_path / "fisher")],
+        ["sharpness", str(tiny_run), "--rho", "0.01", "--sigma", "0.01", "--pgd-steps", "1",
+         "--out", str(tmp_path / "sharpness")],
+    ):  # fmt: skip
+        assert main([*argv, *common]) == 0, argv
+    assert main(["eval", str(tiny_run), "--device", "cpu", "--json"]) == 0
+    capsys.readouterr()
+
+
+def test_bf16_autocast_training_on_the_cpu_tracks_fp32(tiny_model_dir, tiny_data_dir, tmp_path, capsys):
+    losses = {}
+    for precision in ("fp32", "bf16"):
+        out = tmp_path / precision
+        argv = ["train", "--task", "sst2", "--model", str(tiny_model_dir), "--data-dir", str(tiny_data_dir),
+                "--out", str(out), "--batch-size", "8", "--lr", "1e-3", "--max-steps", "6", "--seed", "1",
+                "--dropout", "0", "--sam", "sam", "--precision", precision, "--device", "cpu",
+                "--no-progress"]  # fmt: skip
+        assert main(argv) == 0
+        records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+        losses[precision] = np.array([r["loss"] for r in records if r["kind"] == "train"])
+        info = json.loads((out / "run.json").read_text())
+        assert info["config"]["precision"] == precision
+    capsys.readouterr()
+    # bf16 keeps 8 bits of mantissa: per-step training losses within 0.1 % of fp32's over these 6 steps (measured
+    # 3.4e-5 at most on this seed), and not identical (autocast really ran).
+    np.testing.assert_allclose(losses["bf16"], losses["fp32"], rtol=1e-3)
+    assert not np.array_equal(losses["bf16"], losses["fp32"])
