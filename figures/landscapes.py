@@ -47,7 +47,13 @@ def _grid(record: ResultRecord, values: str) -> tuple[np.ndarray, np.ndarray, np
 
 
 def _title(record: ResultRecord) -> str:
-    return f"{record.label} · {record.task}"
+    """Label and task; a grid not yet complete says how much of it is there, as the interactive figure does."""
+    title = f"{record.label} · {record.task}"
+    done = record.arrays.get("done")
+    if done is not None and not record.meta.get("complete", True):
+        done = np.asarray(done)
+        title += f" (partial: {int(done.sum())}/{done.size} cells)"
+    return title
 
 
 def _degenerate_grid(ax, a: np.ndarray, b: np.ndarray, z: np.ndarray, record: ResultRecord, name: str) -> None:
@@ -90,6 +96,9 @@ def surface_contour(source: Source, *, values: str = "loss", levels: int = 16) -
         ax.contour(a, b, masked, levels=filled.levels, colors="black", linewidths=0.3, alpha=0.6, norm=norm)
         colourbar = fig.colorbar(filled, ax=ax, shrink=0.9)
         colourbar.set_label(name)
+        if masked.count() < z.size / 2:  # mostly NaN: the colours describe a few cells, say so where they show
+            ax.text(0.5, 0.97, f"only {masked.count()} of {z.size} cells finite", ha="center", va="top",
+                    transform=ax.transAxes, fontsize=7, color="black", backgroundcolor="white")  # fmt: skip
     if a.min() <= 0 <= a.max() and b.min() <= 0 <= b.max():
         ax.plot([0], [0], marker="+", color="white", markersize=7, markeredgewidth=1.5, linestyle="none")
     ax.set_xlim(np.nanmin(a), np.nanmax(a))

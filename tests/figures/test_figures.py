@@ -39,7 +39,7 @@ def quadratic_surface(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return a[None, :] ** 2 + 3 * b[:, None] ** 2 + 0.1
 
 
-def save_surface(directory: Path, run: dict, a, b=None, *, nan_cells=()) -> Path:
+def save_surface(directory: Path, run: dict, a, b=None, *, nan_cells=(), complete=True) -> Path:
     a = np.asarray(a, dtype=float)
     if b is None:
         loss = a**2 + 0.1
@@ -59,6 +59,7 @@ def save_surface(directory: Path, run: dict, a, b=None, *, nan_cells=()) -> Path
         "metric_name": "mcc",
         "dims": 1 if b is None else 2,
         "data": {"task": run["task"], "split": "dev"},
+        "complete": complete,
     }
     save_result(Result("surface", arrays, meta), directory)
     return directory
@@ -241,6 +242,19 @@ def test_contour_masks_nan_cells_instead_of_filling_them(tmp_path):
     assert not any(path.contains_point((0.0, 0.0)) for path in filled.get_paths())
     # A computed point away from the hole does.
     assert any(path.contains_point((-0.9, -0.9)) for path in filled.get_paths())
+
+
+def test_a_partial_mostly_nan_surface_says_so_on_the_figure(tmp_path):
+    from figures import surface_contour
+
+    a, b = np.linspace(-1, 1, 5), np.linspace(-1, 1, 5)
+    missing = [(j, i) for j in range(5) for i in range(5) if (j, i) not in ((0, 0), (0, 1), (1, 0), (1, 1))]
+    record = save_surface(tmp_path / "s", describe_run(tmp_path), a, b, nan_cells=missing, complete=False)
+    fig = surface_contour(record)
+    assert "(partial: 4/25 cells)" in fig.axes[0].get_title()
+    assert any("only 4 of 25 cells finite" in text.get_text() for text in fig.axes[0].texts)
+    complete = surface_contour(save_surface(tmp_path / "c", describe_run(tmp_path), a, b))
+    assert "partial" not in complete.axes[0].get_title() and not complete.axes[0].texts
 
 
 def test_surface_3d_keeps_nan_cells_as_gaps_and_orientation(tmp_path):
