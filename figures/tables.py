@@ -124,6 +124,7 @@ def build_table(
         if not matched:
             raise ConfigError(f"baseline {baseline!r} is no {cols} of these runs; expected one of {col_values}")
         baseline = matched[0]
+        col_values = [baseline, *(c for c in col_values if c != baseline)]  # the baseline column first
     return Table(row_values, col_values, cells, names.pop() if names else "?", rows, cols, baseline)
 
 

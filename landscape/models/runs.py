@@ -137,6 +137,10 @@ def is_checkpoint(path: str | Path) -> bool:
 def open_checkpoint(path: str | Path, *, task: str | None, data_dir: str | Path | None, init: str | None = None) -> Run:
     """A :class:`Run` for a model checkpoint; its label count and order are checked against ``task``."""
     if not task:
+        if not Path(path).exists():  # a mistyped run path reads like a hub name: say both
+            raise ConfigError(
+                f"{path} does not exist here; as a hub model name it needs --task, as a run directory it needs to exist"
+            )
         raise ConfigError(f"{path} is a model checkpoint, not a run directory: pass --task (its data is not recorded)")
     spec = get_task(task)
     model = str(path)
