@@ -12,7 +12,7 @@ a ``parameter_filter(name)`` selects; one global L2 norm over them all.
   (a) one ascent step ``ε = ρ g/‖g‖``, g = ∇L(θ) (FSAM Eq. 4, δ-SAM §2.1), and (b) projected gradient ascent started
   from that step: ``ε ← Π_ρ(ε + α ∇L(θ+ε)/‖∇L(θ+ε)‖)``, Π_ρ the projection onto the ball, keeping the largest value
   seen, so (b) ≥ (a) always. A zero gradient gives ε = 0 and a sharpness of exactly 0.
-* adaptive sharpness (Kwon et al. 2021, ASAM, as ``optimizers.sam.SharpnessAware(adaptive=True)`` implements it):
+* adaptive sharpness (Kwon et al. 2021, ASAM, as the ``asam`` variant's ``optimizers.pieces.WeightScaled`` has it):
   the same maximum over the normalised ball ``‖T⁻¹ε‖₂ ≤ ρ`` with ``T = |θ| + η`` element-wise (η = 0.01); the one
   step is ``ε = ρ T²g / ‖Tg‖``; the projected ascent runs in the normalised variable ``u = T⁻¹ε`` (gradient ``T∇L``).
 * average sharpness: ``E_δ[L(θ + δ)] − L(θ)``, δ ~ N(0, σ²I), the Monte-Carlo mean over seeded draws and its
@@ -47,7 +47,7 @@ from landscape.models.jobs import AnalysisJob, DataSelection
 from landscape.models.runs import EvalSubset, evaluate_subset, load_run_model
 from landscape.models.state import eval_mode
 
-ADAPTIVE_ETA = 0.01  # ASAM's η, also the default of optimizers.sam.SharpnessAware
+ADAPTIVE_ETA = 0.01  # ASAM's η, also the default of optimizers.pieces.WeightScaled
 DEFAULT_PGD_STEPS = 10
 PGD_STEP_SCALE = 2.5  # default step α = 2.5·ρ / steps (Madry et al. 2018): the walk can cross the ball
 
@@ -174,7 +174,7 @@ def adaptive_sharpness(
 ) -> WorstCaseSharpness:
     """ASAM's adaptive sharpness ``max_{‖T⁻¹ε‖₂≤ρ} L(θ+ε) − L(θ)``, ``T = |θ| + η`` element-wise.
 
-    One step ``ε = ρT²g/‖Tg‖`` (as :class:`optimizers.sam.SharpnessAware` with ``adaptive=True``), then projected
+    One step ``ε = ρT²g/‖Tg‖`` (as the ``asam`` variant, :class:`optimizers.pieces.WeightScaled`), then projected
     ascent in ``u = T⁻¹ε``: ``u ← Π_ρ(u + α Tg/‖Tg‖)``. ``step_size`` α is in u's units (default ``2.5ρ/steps``).
     """
     if not (isinstance(eta, (int, float)) and math.isfinite(eta) and eta >= 0):

@@ -1,11 +1,11 @@
 """Tiny models built from a config, for tests and smoke runs: nothing is downloaded.
 
-``build_tiny_model_folder`` writes a 2-layer BERT encoder (hidden 32) and its tokenizer to a folder that loads like
-any pretrained checkpoint (no classification head: loading it for a task initialises one). Its default vocabulary
-is small (:func:`small_vocabulary`: a few hundred common English words plus every letter and digit, alone and as a
-``##`` continuation, so any text still tokenizes): the embeddings then hold about 10 k of its parameters instead of
-the ~1 M that MiniLM's 30 522-row vocabulary gives, so Fisher and Hessian tests work on the coordinates that matter.
-``vocabulary="minilm"`` keeps MiniLM's tokenizer (the pinned smoke run of the CLI was recorded with it).
+``build_tiny_model_folder`` writes a 2-layer encoder (width 32; BERT or six other families) and its tokenizer to a
+folder that loads like any pretrained checkpoint (no classification head: loading it for a task initialises one).
+Its default vocabulary is small (:func:`small_vocabulary`: a few hundred common English words plus every letter and
+digit, alone and as a ``##`` continuation, so any text still tokenizes): the embeddings then hold about 14 k of its
+parameters instead of the ~1 M that MiniLM's 30 522-row vocabulary gives, so Fisher and Hessian tests work on the
+coordinates that matter. ``vocabulary="minilm"`` keeps MiniLM's tokenizer (the CLI's pinned smoke run used it).
 """
 
 from __future__ import annotations
