@@ -122,8 +122,8 @@ def plan(spec: Mapping[str, Any], out: Path) -> list[dict[str, Any]]:
         run_dir = Path(config.out)
         state = "done" if has_run(run_dir) and is_complete(run_dir) else "started" if has_run(run_dir) else "to do"
         if state == "done":
-            timings = read_run_info(run_dir).get("timings", {})
-            steps = read_run_info(run_dir).get("total_steps")
+            info = read_run_info(run_dir)
+            timings, steps = info.get("timings", {}), info.get("total_steps")
             if timings.get("train_seconds") and steps:
                 measured[config.sam] = float(timings["train_seconds"]) / float(steps)
         rows.append({"name": trial.name, "state": state, "sam": config.sam, "config": config,

@@ -347,7 +347,7 @@ class InstanceReweighting(Piece):
         norm = global_norm(directions)
         epsilon = [radius * d / norm for d in directions] if norm > 0 else [None] * len(params)
         masks = rng.snapshot(params)
-        with optimizer.perturbed(params, epsilon):
+        with optimizer.perturbed(epsilon):
             probe = closure(chunk).detach()
         rng.restore(masks)  # the ascent forward at w, next, draws the probe's dropout masks
         return probe

@@ -30,6 +30,7 @@ from typing import Any
 
 import torch
 
+from optimizers import pieces as piece_classes
 from optimizers import rng
 from optimizers.closure import ClosureOptimizer
 from optimizers.pieces import Ascent, FisherMask, Piece, global_norm
@@ -254,10 +255,9 @@ class SharpnessAware(ClosureOptimizer):
             param.copy_(value)
 
     @contextmanager
-    def perturbed(self, params: list[torch.Tensor], epsilon: list[torch.Tensor | None]):
-        """Parameters at w + ε inside the block, restored bitwise on exit, also on exceptions."""
-        if [id(p) for p in params] != [id(p) for p in self.parameters()]:
-            raise ValueError("perturbed() works on the optimizer's own parameters, in its order")
+    def perturbed(self, epsilon: list[torch.Tensor | None]):
+        """Parameters at w + ε (ε in the order of :meth:`parameters`) inside the block, restored bitwise on exit,
+        also on exceptions."""
         saved = self.perturb(epsilon)
         try:
             yield
@@ -309,7 +309,7 @@ class SharpnessAware(ClosureOptimizer):
             epsilon = self.perturbation(params, ascent_grads)
             report.perturbation_norm = global_norm([e for e in epsilon if e is not None])
             descent_chunk = chunk if self.m_sharpness > 1 else None
-            with self.perturbed(params, epsilon):
+            with self.perturbed(epsilon):
                 self.zero_grad(set_to_none=True)
                 if rng_before is not None:
                     rng.restore(rng_before)
@@ -374,8 +374,6 @@ def make_sharpness_optimizer(
     One the variant does not read (``esam_beta`` for SAM) is ignored, so a caller can hand one full configuration
     to any variant; a name that is nobody's is refused.
     """
-    from optimizers import pieces as available
-
     entry = get_variant(variant)
     known = set(CORE_SETTINGS) | {name for v in VARIANTS.values() for name in v.settings}
     unknown = sorted(set(settings) - known)
@@ -385,9 +383,9 @@ def make_sharpness_optimizer(
         return ClosureOptimizer(base, max_grad_norm=max_grad_norm)
     built = []
     for name in entry.pieces:
-        cls = getattr(available, name)
+        cls = getattr(piece_classes, name)
         built.append(cls(**{option: settings[option] for option in cls.options if option in settings}))
-    options = {option for name in entry.pieces for option in getattr(available, name).options}
+    options = {option for name in entry.pieces for option in getattr(piece_classes, name).options}
     chosen = {
         name: settings[name] for name in (*CORE_SETTINGS, *entry.settings) if name in settings and name not in options
     }

@@ -20,7 +20,7 @@ import numpy as np
 from landscape.core.errors import ConfigError
 from landscape.core.results import Result, resume_or_start, save_result
 from landscape.core.rundir import ANALYSES_DIR, RUN_FILE, has_run
-from landscape.models.runs import SPLITS, EvalSubset, Run, open_run, select_subset
+from landscape.models.runs import EvalSubset, Run, check_selection, open_run, select_subset
 
 
 @dataclass(frozen=True)
@@ -41,15 +41,9 @@ class DataSelection:
     batch_size: int = 32
 
     def __post_init__(self) -> None:
-        if self.split not in SPLITS:
-            raise ConfigError(f"split must be one of {', '.join(SPLITS)}, got {self.split!r}")
-        samples = self.samples
-        if samples is not None and (isinstance(samples, bool) or not isinstance(samples, int) or samples <= 0):
-            raise ConfigError(f"samples must be a positive integer (or None for the whole split), got {samples!r}")
+        check_selection(split=self.split, samples=self.samples, batch_size=self.batch_size)
         if isinstance(self.seed, bool) or not isinstance(self.seed, int | np.integer):
             raise ConfigError(f"seed must be an integer, got {self.seed!r}")
-        if isinstance(self.batch_size, bool) or not isinstance(self.batch_size, int) or self.batch_size <= 0:
-            raise ConfigError(f"batch size must be a positive integer, got {self.batch_size!r}")
 
     def open_run(self, path: str | Path) -> Run:
         """The run at ``path`` with this selection's task and data-directory overrides."""

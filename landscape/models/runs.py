@@ -276,13 +276,22 @@ class EvalSubset:
         }
 
 
+def check_selection(*, split: str, samples: int | None, batch_size: int) -> None:
+    """The one check of a data selection: a known split, ``samples`` a positive int or None, a positive batch size."""
+    if split not in SPLITS:
+        raise ConfigError(f"split must be one of {', '.join(SPLITS)}, got {split!r}")
+    if samples is not None and (isinstance(samples, bool) or not isinstance(samples, int) or samples <= 0):
+        raise ConfigError(f"samples must be a positive integer (or None for the whole split), got {samples!r}")
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size <= 0:
+        raise ConfigError(f"batch size must be a positive integer, got {batch_size!r}")
+
+
 def choose_indices(split_size: int, samples: int | None, seed: int) -> np.ndarray:
     """``samples`` distinct positions of ``range(split_size)``, drawn with ``seed``, sorted.
 
     ``samples`` None, or at or above the split's size, means the whole split.
     """
-    if samples is not None and (isinstance(samples, bool) or not isinstance(samples, int) or samples <= 0):
-        raise ConfigError(f"samples must be a positive integer, got {samples!r}")
+    check_selection(split=SPLITS[0], samples=samples, batch_size=1)
     return seeded_indices(split_size, split_size if samples is None else samples, seed)
 
 
@@ -296,10 +305,7 @@ def select_subset(
     batch_size: int = 32,
 ) -> EvalSubset:
     """Tokenize the run's ``split`` once (cached) and batch a seeded subset of ``samples`` examples."""
-    if split not in SPLITS:
-        raise ConfigError(f"split must be one of {', '.join(SPLITS)}, got {split!r}")
-    if batch_size <= 0:
-        raise ConfigError(f"batch size must be > 0, got {batch_size}")
+    check_selection(split=split, samples=samples, batch_size=batch_size)
     examples = load_split(run.task, split, run.data_dir)
     encoded = encode_split(
         examples,

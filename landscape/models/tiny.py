@@ -82,7 +82,7 @@ def build_tiny_model_folder(folder: str | Path, *, vocabulary: str = "small", ar
     ``token_type_ids`` are exactly what families without segments must ignore.
     """
     quiet_transformers()
-    from transformers import AutoModel, BertConfig, BertModel, BertTokenizer
+    from transformers import AutoModel, BertTokenizer
 
     if vocabulary == "small":
         tokenizer = BertTokenizer(vocab={token: i for i, token in enumerate(small_vocabulary())}, do_lower_case=True)
@@ -91,23 +91,9 @@ def build_tiny_model_folder(folder: str | Path, *, vocabulary: str = "small", ar
     else:
         raise ValueError(f"vocabulary must be 'small' or 'minilm', got {vocabulary!r}")
     folder = Path(folder)
-    if architecture != "bert":
-        torch.manual_seed(0)
-        AutoModel.from_config(tiny_config(architecture, tokenizer.vocab_size, tokenizer.pad_token_id)).save_pretrained(
-            folder
-        )
-        tokenizer.save_pretrained(folder)
-        return folder
-    config = BertConfig(
-        vocab_size=tokenizer.vocab_size,
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        intermediate_size=64,
-        max_position_embeddings=512,
-        pad_token_id=tokenizer.pad_token_id,
-    )
     torch.manual_seed(0)
-    BertModel(config).save_pretrained(folder)
+    AutoModel.from_config(tiny_config(architecture, tokenizer.vocab_size, tokenizer.pad_token_id)).save_pretrained(
+        folder
+    )
     tokenizer.save_pretrained(folder)
     return folder
