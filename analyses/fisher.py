@@ -385,6 +385,9 @@ class EmpiricalFisherMask:
 
     The trainer (``landscape.training.loop.train(..., fisher=EmpiricalFisherMask())``) samples the batches and
     installs the mask; this computes it in eval mode without touching ``.grad``.
+
+    ``replicas`` (data-parallel training): ``batches`` are this process's share of the N_Fisher examples; the
+    per-process sums are added over the processes before the top-k, so every process gets the mask of all N.
     """
 
     modes = FISHER_MODES
@@ -397,6 +400,13 @@ class EmpiricalFisherMask:
         mode: str,
         sparsity: float,
         previous: dict[str, torch.Tensor] | None,
+        replicas: Any = None,
     ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-        mask = fisher_mask(empirical_fisher(model, batches, mode=mode).diagonal, sparsity)
+        result = empirical_fisher(model, batches, mode=mode)
+        diagonal = result.diagonal
+        if replicas is not None and replicas.world_size > 1:
+            # cpu: a count; the replicas move it to their device for the collective
+            count = float(replicas.sum(torch.tensor([float(result.num_examples)], dtype=torch.float64)).item())
+            diagonal = {name: replicas.sum(value * result.num_examples) / count for name, value in diagonal.items()}
+        mask = fisher_mask(diagonal, sparsity)
         return mask, mask_statistics(mask, previous)

@@ -94,7 +94,7 @@ def _apply(operator: Operator, v: torch.Tensor) -> torch.Tensor:
 
 def _rademacher(count: int, dim: int, generator: torch.Generator, device: torch.device) -> torch.Tensor:
     """[count, dim] float64 of independent ±1 entries."""
-    signs = torch.randint(0, 2, (count, dim), generator=generator, dtype=torch.int8)
+    signs = torch.randint(0, 2, (count, dim), generator=generator, dtype=torch.int8)  # cpu: seeded draws, moved
     return (signs.to(torch.float64) * 2 - 1).to(device)
 
 

@@ -53,6 +53,10 @@ class Piece:
     hyperparameters: ClassVar[dict[str, float]] = {}
     #: constructor options (not schedulable: they choose a form, not a value), set from settings of these names
     options: ClassVar[tuple[str, ...]] = ()
+    #: its coefficients need the losses of the whole batch before any backward (no gradient accumulation)
+    whole_batch: ClassVar[bool] = False
+    #: it overrides :meth:`select` (the descent's examples are chosen from the losses of the whole batch)
+    selects: ClassVar[bool] = False
 
     def check(self, group: Mapping[str, Any]) -> None:
         """Raise ``ValueError`` naming a hyperparameter of ``group`` that is out of range."""
@@ -199,6 +203,7 @@ class BernoulliKeep(Piece):
             keep_probability = group["esam_beta"]
             if numerator is None or keep_probability >= 1:
                 continue
+            # cpu: drawn from the optimizer's CPU generator (the same draws on every device), moved next line
             keep = torch.rand(param.shape, generator=ascent.generator) < keep_probability
             numerator.mul_(keep.to(numerator.device)).div_(keep_probability)
 
@@ -208,6 +213,8 @@ class DataSelection(Piece):
     with the largest l_i(w + ε) − l_i(w)."""
 
     hyperparameters: ClassVar[dict[str, float]] = {"esam_gamma": 0.5}
+    whole_batch: ClassVar[bool] = True
+    selects: ClassVar[bool] = True
 
     def check(self, group):
         _in_range(group, "esam_gamma", 0.0, 1.0)
@@ -327,6 +334,7 @@ class InstanceReweighting(Piece):
 
     hyperparameters: ClassVar[dict[str, float]] = {"delta_beta": 5.0}
     options: ClassVar[tuple[str, ...]] = ("delta_weights",)
+    whole_batch: ClassVar[bool] = True
     WEIGHTINGS = ("clipped", "literal")
 
     def __init__(self, *, delta_weights: str = "clipped") -> None:

@@ -33,7 +33,9 @@ import torch
 from optimizers import pieces as piece_classes
 from optimizers import rng
 from optimizers.closure import ClosureOptimizer
+from optimizers.loss_scale import DynamicLossScale
 from optimizers.pieces import Ascent, FisherMask, Piece, global_norm
+from optimizers.replicas import SINGLE, Replicas
 from optimizers.variants import CORE_SETTINGS, VARIANTS, get_variant
 
 
@@ -46,6 +48,7 @@ class StepReport:
     ascent_examples: int = 0
     descent_examples: int = 0
     perturbed: bool = True
+    skipped: bool = False  # fp16: the unscaled gradient was not finite, the step was not taken
     instance_weights: torch.Tensor | None = None
     selected: torch.Tensor | None = None
     extra: dict[str, float] = field(default_factory=dict)
@@ -64,6 +67,9 @@ class SharpnessAware(ClosureOptimizer):
         m_sharpness: m disjoint ascent micro-batches, each with its own ε and descent on itself; the descent
             gradients are averaged weighted by micro-batch size (= the plain average for equal sizes).
         same_dropout: replay the ascent's RNG state for the descent forward (identical dropout masks).
+        local_ascent: with several data-parallel replicas, each takes its own ε from its own share of the batch
+            (m-sharpness with m = world size, as Foret et al. trained) and the descent gradients are averaged;
+            by default the ascent gradient is averaged first, so ε is the one of the global batch.
         seed: seed of the optimizer's own generator (δ-SAM's random direction, ESAM's Bernoulli masks); its state
             is part of ``state_dict`` so a resumed run draws the same numbers.
         named_parameters: the model's ``named_parameters()``, so that masks are keyed by name (else set_mask
@@ -81,16 +87,29 @@ class SharpnessAware(ClosureOptimizer):
         ascent_fraction: float = 1.0,
         m_sharpness: int = 1,
         same_dropout: bool = False,
+        local_ascent: bool = False,
         seed: int = 0,
         max_grad_norm: float | None = None,
+        accumulation: int = 1,
+        replicas: Replicas | None = None,
+        loss_scale: DynamicLossScale | None = None,
         named_parameters: Iterable[tuple[str, torch.Tensor]] | None = None,
         **hyperparameters: float,
     ) -> None:
         _check(0 < ascent_fraction <= 1, f"ascent_fraction must be in (0, 1], got {ascent_fraction}")
         _check(isinstance(m_sharpness, int) and m_sharpness >= 1, f"m_sharpness must be an int >= 1, got {m_sharpness}")
         _check(m_sharpness == 1 or ascent_fraction == 1, "use either ascent_fraction < 1 or m_sharpness > 1, not both")
-        super().__init__(base, max_grad_norm=max_grad_norm)
+        super().__init__(
+            base, max_grad_norm=max_grad_norm, accumulation=accumulation, replicas=replicas, loss_scale=loss_scale
+        )
         self.pieces = list(pieces) if pieces is not None else [FisherMask()]
+        whole = [type(piece).__name__ for piece in self.pieces if piece.whole_batch]
+        _check(
+            accumulation == 1 or not whole,
+            f"{', '.join(whole)} weighs or selects examples from the losses of the whole batch, which gradient "
+            "accumulation never holds at once: use accumulation = 1 (a smaller batch, or m_sharpness for a "
+            "per-micro-batch ascent)",
+        )
         declared = {"rho": rho}
         for piece in self.pieces:
             declared.update(piece.hyperparameters)
@@ -107,6 +126,7 @@ class SharpnessAware(ClosureOptimizer):
         self.ascent_fraction = ascent_fraction
         self.m_sharpness = m_sharpness
         self.same_dropout = same_dropout
+        self.local_ascent = local_ascent
         self.generator = torch.Generator().manual_seed(seed)
         self.steps_taken = 0
         self._names: dict[int, str] = {}
@@ -180,7 +200,7 @@ class SharpnessAware(ClosureOptimizer):
     # --- state ---------------------------------------------------------------------------------------------------
 
     def state_dict(self) -> dict[str, Any]:
-        state = self.base.state_dict()
+        state = super().state_dict()  # the base's, and the loss scale
         pieces = {f"{i}:{type(p).__name__}": p.state_dict() for i, p in enumerate(self.pieces)}
         state["sharpness"] = {
             "generator": self.generator.get_state(),
@@ -276,10 +296,13 @@ class SharpnessAware(ClosureOptimizer):
         report = StepReport(rho=self.radius(first_group))
         perturbs = all(piece.perturbs(self) for piece in self.pieces)
         report.perturbed = perturbs
+        # Over whom the ascent's coefficients (and ESAM's selection, δ-SAM's normalisation) range: the global
+        # batch, or with local_ascent this process's share, each replica then running the variant on its own.
+        group = SINGLE if self.local_ascent else self.replicas
         chunks = self._ascent_chunks(closure)
         batch_total = sum(len(c) for c in chunks) if self.m_sharpness > 1 else None
         accumulated: list[torch.Tensor | None] | None = None
-        losses_at_w = []
+        losses_at_w: list[torch.Tensor] = []
         for chunk in chunks:
             self.zero_grad(set_to_none=True)
             # δ-SAM's probe runs first: perturbing the weights in place after the ascent forward would invalidate
@@ -287,19 +310,19 @@ class SharpnessAware(ClosureOptimizer):
             weighting = [(piece, piece.instance_probe(self, closure, chunk)) for piece in self.pieces]
             weighting = [(piece, probe) for piece, probe in weighting if probe is not None]
             rng_before = rng.snapshot(params) if self.same_dropout else None
-            losses = self.evaluate(lambda chunk=chunk: closure(chunk))
-            losses_at_w.append(losses.detach())
+            weigh = self._instance_weigh(weighting, first_group, group, report) if weighting else None
+            losses = self.backward_objective(closure, chunk, weigh=weigh, group=group)
+            losses_at_w.append(losses)
             report.ascent_examples += losses.numel()
-            weights = None
-            for piece, probe in weighting:
-                weights = piece.instance_weights(probe, losses.detach(), first_group)
-                report.extra.update(piece.statistics(weights))
-            report.instance_weights = weights
-            with torch.enable_grad():
-                (losses.mean() if weights is None else (weights * losses).sum()).backward()
+            if not self.local_ascent:
+                self.replicas.average_gradients(params)
+            if not self.unscaled():  # fp16 overflow in the ascent: no ε, no step
+                return self._skip(report, losses_at_w)
             if not perturbs:
                 for piece in self.pieces:
                     piece.reuse(params, first_group)
+                if self.local_ascent:
+                    self.replicas.average_gradients(params)
                 report.perturbation_norm = 0.0
                 report.descent_examples += losses.numel()
                 accumulated = [p.grad for p in params]
@@ -313,18 +336,21 @@ class SharpnessAware(ClosureOptimizer):
                 self.zero_grad(set_to_none=True)
                 if rng_before is not None:
                     rng.restore(rng_before)
-                perturbed = self.evaluate(lambda descent_chunk=descent_chunk: closure(descent_chunk))
-                selected = None
-                for piece in self.pieces:
-                    selected = piece.select(perturbed.detach(), losses.detach(), first_group)
-                    if selected is not None:
-                        break
-                report.selected = selected
-                report.descent_examples += perturbed.numel() if selected is None else selected.numel()
-                with torch.enable_grad():
-                    (perturbed.mean() if selected is None else perturbed[selected].mean()).backward()
+                select = self._selection_weigh(losses, first_group, group, report)
+                perturbed = self.backward_objective(closure, descent_chunk, weigh=select, group=group)
+                if report.selected is None:
+                    report.descent_examples += perturbed.numel()
+                # Global SAM averages before GSAM's / LookSAM's combination (both nonlinear in the gradient), so
+                # every replica combines the same two gradients; a local ascent combines its own, then averages.
+                if not self.local_ascent:
+                    self.replicas.average_gradients(params)
+                finite = self.unscaled()
+            if not finite:  # fp16 overflow at w + ε: the weights are restored (above), no step
+                return self._skip(report, losses_at_w)
             for piece in self.pieces:
                 piece.combine(params, ascent_grads, first_group)
+            if self.local_ascent:
+                self.replicas.average_gradients(params)
             share = 1.0 if batch_total is None else len(chunk) / batch_total
             accumulated = _accumulate(accumulated, params, share)
         for param, grad in zip(params, accumulated or [], strict=True):
@@ -332,7 +358,55 @@ class SharpnessAware(ClosureOptimizer):
         self.last = report
         self.steps_taken += 1
         self.descend()
+        self.finish(skipped=False)
         return torch.cat(losses_at_w)
+
+    def _skip(self, report: StepReport, losses_at_w: list[torch.Tensor]) -> torch.Tensor:
+        report.skipped = True
+        self.last = report
+        self.finish(skipped=True)
+        return torch.cat(losses_at_w)
+
+    @staticmethod
+    def _instance_weigh(weighting, hyperparameters, group, report) -> Callable[[torch.Tensor], torch.Tensor]:
+        """The ascent's coefficients from the instance-weighting pieces (δ-SAM), normalised over ``group``'s batch."""
+
+        def weigh(losses: torch.Tensor) -> torch.Tensor:
+            weights = None
+            for piece, probe in weighting:
+                probe_all, mine = group.gather(probe)
+                losses_all, _ = group.gather(losses)
+                weights_all = piece.instance_weights(probe_all, losses_all, hyperparameters)
+                report.extra.update(piece.statistics(weights_all))
+                weights = weights_all[mine]
+            report.instance_weights = weights
+            return weights
+
+        return weigh
+
+    def _selection_weigh(self, at_w, hyperparameters, group, report) -> Callable | None:
+        """The descent's coefficients from a selecting piece (ESAM: 1/|S| on the selected examples of ``group``'s
+        batch, 0 elsewhere); None when no piece selects (uniform, and micro-batches allowed)."""
+        if not any(piece.selects for piece in self.pieces):
+            return None
+
+        def weigh(perturbed: torch.Tensor) -> torch.Tensor | None:
+            perturbed_all, mine = group.gather(perturbed)
+            at_w_all, _ = group.gather(at_w)
+            selected = None
+            for piece in self.pieces:
+                selected = piece.select(perturbed_all, at_w_all, hyperparameters)
+                if selected is not None:
+                    break
+            report.selected = selected
+            if selected is None:
+                return None
+            report.descent_examples += selected.numel()
+            coefficients = torch.zeros_like(perturbed_all)
+            coefficients[selected] = 1.0 / selected.numel()
+            return coefficients[mine]
+
+        return weigh
 
     def _ascent_chunks(self, closure: Callable[..., torch.Tensor]) -> list[torch.Tensor | None]:
         if self.ascent_fraction == 1 and self.m_sharpness == 1:
@@ -340,9 +414,9 @@ class SharpnessAware(ClosureOptimizer):
         size = getattr(closure, "size", None)
         if not isinstance(size, int) or size <= 0:
             raise ValueError("efficient SAM / m-sharpness needs a closure with an int attribute `size` (batch size)")
-        if self.m_sharpness > 1:
+        if self.m_sharpness > 1:  # cpu: row indices (the closure moves them to the batch's device)
             return [chunk for chunk in torch.arange(size).tensor_split(min(self.m_sharpness, size)) if len(chunk)]
-        return [torch.arange(max(1, math.ceil(self.ascent_fraction * size)))]
+        return [torch.arange(max(1, math.ceil(self.ascent_fraction * size)))]  # cpu: row indices
 
 
 def _accumulate(accumulated, params, share):
@@ -364,6 +438,10 @@ def make_sharpness_optimizer(
     named_parameters: Iterable[tuple[str, torch.Tensor]] | None = None,
     seed: int = 0,
     max_grad_norm: float | None = None,
+    accumulation: int = 1,
+    replicas: Replicas | None = None,
+    loss_scale: DynamicLossScale | None = None,
+    local_ascent: bool = False,
     **settings: Any,
 ) -> ClosureOptimizer:
     """Wrap ``base`` as the registry's ``variant`` (:data:`optimizers.variants.VARIANTS`).
@@ -372,15 +450,20 @@ def make_sharpness_optimizer(
     hyperparameters (``eta``, ``esam_beta``, ``esam_gamma``, ``gsam_alpha``, ``rho_min``, ``delta_beta``,
     ``looksam_k``, ``looksam_alpha``) and their options (``exact_rho``, ``asam_exempt_biases``, ``delta_weights``).
     One the variant does not read (``esam_beta`` for SAM) is ignored, so a caller can hand one full configuration
-    to any variant; a name that is nobody's is refused.
+    to any variant; a name that is nobody's is refused. ``accumulation``, ``replicas`` and ``loss_scale`` are
+    :class:`~optimizers.closure.ClosureOptimizer`'s; ``local_ascent`` needs a sharpness-aware variant.
     """
     entry = get_variant(variant)
     known = set(CORE_SETTINGS) | {name for v in VARIANTS.values() for name in v.settings}
     unknown = sorted(set(settings) - known)
     if unknown:
         raise TypeError(f"unknown sharpness-aware setting(s) {', '.join(unknown)}; expected some of {sorted(known)}")
+    shared = {"max_grad_norm": max_grad_norm, "accumulation": accumulation, "replicas": replicas}
+    shared["loss_scale"] = loss_scale
     if entry.pieces is None:
-        return ClosureOptimizer(base, max_grad_norm=max_grad_norm)
+        if local_ascent:
+            raise ValueError("local_ascent (--local-ascent) keeps each replica's own ε: it needs a SAM variant")
+        return ClosureOptimizer(base, **shared)
     built = []
     for name in entry.pieces:
         cls = getattr(piece_classes, name)
@@ -390,5 +473,5 @@ def make_sharpness_optimizer(
         name: settings[name] for name in (*CORE_SETTINGS, *entry.settings) if name in settings and name not in options
     }
     return SharpnessAware(
-        base, built, seed=seed, max_grad_norm=max_grad_norm, named_parameters=named_parameters, **chosen
+        base, built, seed=seed, local_ascent=local_ascent, named_parameters=named_parameters, **shared, **chosen
     )

@@ -77,7 +77,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return int(args.run(args) or 0)
     except LandscapeError as exc:
-        print(f"landscape {args.command}: error: {exc}", file=sys.stderr)
+        # Under torchrun every process meets the same error (they check the same options and files): one says it.
+        if os.environ.get("RANK", "0") == "0":
+            print(f"landscape {args.command}: error: {exc}", file=sys.stderr)
         return 2
     except BrokenPipeError:  # output piped into e.g. `head`, which closed early
         sys.stderr.close()

@@ -12,6 +12,7 @@ from landscape.core.errors import ConfigError
 from landscape.data.tasks import get_task
 from landscape.models.devices import PRECISIONS
 from landscape.training.config import TrainConfig, refuse_renamed
+from landscape.training.distributed import launched_rank
 from landscape.training.loop import train
 from landscape.training.recipes import RECIPES, recipe_options
 from optimizers.base import BASE_OPTIMIZERS
@@ -67,7 +68,12 @@ HELP = {
     "bahri (efficient SAM, Alg. 1); options you set win",
     "adam_beta1": "Adam / AdamW / AMSGrad beta1 (FSAM Table 9: 0)",
     "device": "auto (CUDA when available, else MPS, else CPU), cpu, cuda, cuda:N or mps",
-    "precision": "fp32, or bf16 autocast (weights, optimizer state and SAM's epsilon stay fp32); fp16 is refused",
+    "precision": "fp32, or bf16 / fp16 autocast (weights, optimizer state and SAM's epsilon stay fp32; fp16 with a "
+    "dynamic loss scale that skips overflowing steps)",
+    "grad_accum": "gradient accumulation: K micro-batches of batch_size / K per step, the same gradient with less "
+    "memory (SAM's ascent uses the whole batch; for a per-micro-batch ascent use --m-sharpness K)",
+    "local_ascent": "under torchrun: each process takes its own epsilon from its share of the batch "
+    "(m-sharpness with m = world size); default: one epsilon from the all-reduced ascent gradient",
     "adam_beta2": "Adam / AdamW / AMSGrad beta2",
     "init_from": "start from the encoder of this .safetensors file or run directory (its final weights); "
     "the head is this task's fresh, seeded one",
@@ -145,6 +151,8 @@ def run(args: argparse.Namespace) -> int:
         progress=not args.no_progress,
         fisher=EmpiricalFisherMask(),
     )
+    if launched_rank() != 0:  # under torchrun the run is reported once, by rank 0
+        return 0
     if args.json:
         print(json.dumps({"run_dir": str(result.run_dir), "dev": result.dev_metrics}, sort_keys=True))
     else:

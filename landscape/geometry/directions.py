@@ -157,7 +157,7 @@ def random_direction(
     kept_theta_sq, kept_d_sq = 0.0, 0.0  # squared norms for norm="model", over the parameters not zeroed
     for name in sorted(theta):
         t = theta[name]
-        draw = torch.randn(t.shape, generator=generator, dtype=torch.float32)
+        draw = torch.randn(t.shape, generator=generator, dtype=torch.float32)  # cpu: seeded draw, moved below
         # A 1-D parameter counts by its shape, whatever module owns it (a scalar gate, a bias).
         is_1d = kinds[name] == "1d" or t.dim() <= 1
         d = draw.to(device=t.device, dtype=torch.float64)
@@ -251,12 +251,12 @@ def pca_directions(
     for i, row in enumerate(trajectory):
         check_same_keys_and_shapes(final, row, f"the final checkpoint and trajectory checkpoint {i}")
 
-    gram = torch.zeros(n, n, dtype=torch.float64)
+    gram = torch.zeros(n, n, dtype=torch.float64)  # cpu: n x n (checkpoints), trajectories are read from disk
     for _, _, _, block in _trajectory_blocks(trajectory, final):
         gram += block @ block.T
     if center:
         # Centring the rows of X is H X with H = I − 11ᵀ/n, so its Gram matrix is H G H.
-        h = torch.eye(n, dtype=torch.float64) - 1.0 / n
+        h = torch.eye(n, dtype=torch.float64) - 1.0 / n  # cpu: beside the Gram matrix
         gram = h @ gram @ h
     eigenvalues, eigenvectors = torch.linalg.eigh(gram)  # ascending, symmetric by construction
     eigenvalues, eigenvectors = eigenvalues.flip(0), eigenvectors.flip(1)
@@ -275,7 +275,9 @@ def pca_directions(
 
     # Xᵀu is the same whether or not X is centred, because the u_k with λ_k > 0 of H G H are orthogonal to 1.
     flat: list[dict[str, torch.Tensor]] = [
-        {name: torch.empty(final[name].numel(), dtype=torch.float64) for name in final} for _ in range(k)
+        # cpu: the PCA directions are built from checkpoints on disk, as results are stored
+        {name: torch.empty(final[name].numel(), dtype=torch.float64) for name in final}
+        for _ in range(k)
     ]
     for name, start, stop, block in _trajectory_blocks(trajectory, final):
         projected = u.T @ block / lam.sqrt()[:, None]  # (k, block)

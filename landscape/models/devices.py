@@ -1,10 +1,11 @@
 """Which device a command computes on (``--device``) and in which precision it trains (``--precision``).
 
 ``auto`` is CUDA when available, else Apple's MPS when available, else the CPU. Results are always stored from the
-CPU, in the same files whatever the device. Training precision: ``fp32``, or ``bf16`` through ``torch.autocast``
-(master weights, optimizer state, ε and every norm stay float32; the CPU supports it too). ``fp16`` is refused: it
-needs a loss scaler that is correct for SAM's two backward passes (ε from unscaled gradients, a skipped step
-undoing the perturbation), which this version does not have; bf16 has fp32's range and needs none.
+CPU, in the same files whatever the device. Training precision: ``fp32``, or ``bf16`` / ``fp16`` through
+``torch.autocast`` (master weights, optimizer state, ε and every norm stay float32). ``fp16`` adds the dynamic loss
+scale of :mod:`optimizers.loss_scale`, correct for SAM's two backward passes; bf16 has fp32's range and needs none.
+The CPU runs both (torch's CPU autocast has float16 kernels; on the CPU fp16 is slower than bf16 and is there for
+testing the GPU path, not for speed).
 """
 
 from __future__ import annotations
@@ -44,14 +45,11 @@ def resolve_device(name: str) -> torch.device:
 
 
 def autocast_dtype(precision: str) -> torch.dtype | None:
-    """The autocast dtype of ``--precision`` (None: fp32, no autocast); fp16 is refused (see the module doc)."""
+    """The autocast dtype of ``--precision`` (None: fp32, no autocast); fp16 needs a loss scale (module doc)."""
     if precision == "fp32":
         return None
     if precision == "bf16":
         return torch.bfloat16
     if precision == "fp16":
-        raise ConfigError(
-            "--precision fp16 needs a loss scaler correct for SAM's two backward passes, which this version does "
-            "not have; use --precision bf16 (same range as fp32, no scaler needed)"
-        )
+        return torch.float16
     raise ConfigError(f"--precision {precision!r} is unknown; expected one of {', '.join(PRECISIONS)}")

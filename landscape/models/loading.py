@@ -152,6 +152,7 @@ def initialise_missing(net: nn.Module, names: list[str], *, seed: int) -> None:
             if param.ndim == 1:
                 param.zero_()
             else:
+                # cpu: at load time, before the caller moves the model to its device
                 param.copy_(torch.randn(param.shape, generator=generator, dtype=param.dtype) * std)
 
 

@@ -64,6 +64,7 @@ def unflatten_state(tensors: dict[str, torch.Tensor], skeleton: Any) -> Any:
 def rng_state() -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """Global RNG states (torch, numpy, python) as tensors + JSON."""
     kind, keys, pos, has_gauss, cached = np.random.get_state()
+    # cpu: RNG states are CPU byte tensors by torch's definition
     tensors = {"torch": torch.get_rng_state(), "numpy": torch.from_numpy(np.asarray(keys, dtype=np.uint32).copy())}
     if torch.cuda.is_available() and torch.cuda.is_initialized():  # dropout on a GPU draws from its generator
         tensors.update({f"cuda/{i}": state for i, state in enumerate(torch.cuda.get_rng_state_all())})
@@ -98,8 +99,13 @@ def save_training_state(
     scheduler: torch.optim.lr_scheduler.LRScheduler,
     extra: dict[str, Any],
     keep: int,
+    rank_rng: list[dict[str, torch.Tensor]] | None = None,
 ) -> Path:
-    """Write ``folder/step-<step>/`` atomically (temporary folder, then rename) and keep the newest ``keep``."""
+    """Write ``folder/step-<step>/`` atomically (temporary folder, then rename) and keep the newest ``keep``.
+
+    ``rank_rng``: with several data-parallel processes, each one's torch (and CUDA) RNG state in rank order
+    (their dropout streams); ``state.json`` then records the world size, which a resume must match.
+    """
     folder.mkdir(parents=True, exist_ok=True)
     final = folder / f"{CHECKPOINT_PREFIX}{step:08d}"
     tmp = folder / f".tmp-{CHECKPOINT_PREFIX}{step:08d}"
@@ -110,10 +116,13 @@ def save_training_state(
     rng_tensors, rng_rest = rng_state()
     tensors = dict(opt_tensors)
     tensors.update({f"rng/{k}": v for k, v in rng_tensors.items()})
+    for rank, states in enumerate(rank_rng or []):
+        tensors.update({f"rank-rng/{rank}/{k}": v.detach().cpu().contiguous() for k, v in states.items()})
+    world = {"world_size": len(rank_rng)} if rank_rng else {}
     write_with(tmp / "state.safetensors", lambda path: save_file(tensors, str(path)))
     write_json(
         tmp / "state.json",
-        {"step": step, "optimizer": opt_rest, "scheduler": scheduler.state_dict(), "rng": rng_rest, **extra},
+        {"step": step, "optimizer": opt_rest, "scheduler": scheduler.state_dict(), "rng": rng_rest, **world, **extra},
     )
     shutil.rmtree(final, ignore_errors=True)
     tmp.rename(final)
@@ -136,15 +145,34 @@ def load_training_state(
     model: nn.Module,
     optimizer: torch.optim.Optimizer,
     scheduler: torch.optim.lr_scheduler.LRScheduler,
+    rank: int = 0,
+    world_size: int = 1,
 ) -> dict[str, Any]:
-    """Restore model, optimizer, scheduler and RNG from ``checkpoint``; return the JSON part (step, extra)."""
-    load_weights_into(model, checkpoint / "model.safetensors")
-    tensors = read_safetensors(checkpoint / "state.safetensors")
+    """Restore model, optimizer, scheduler and RNG from ``checkpoint``; return the JSON part (step, extra).
+
+    A checkpoint written by ``world_size`` data-parallel processes resumes only with as many: each process's share
+    of the batches and its dropout stream depend on it (rank ``rank`` restores its own RNG state).
+    """
     try:
         meta = json.loads((checkpoint / "state.json").read_text())
     except (OSError, json.JSONDecodeError) as exc:
         raise CheckpointError(f"checkpoint {checkpoint} has no readable state.json: {exc}") from exc
+    written_by = int(meta.get("world_size", 1))
+    if written_by != world_size:
+        raise CheckpointError(
+            f"checkpoint {checkpoint} was written by {written_by} process(es), this run has {world_size}: resume "
+            f"with torchrun --nproc-per-node {written_by}"
+            + (" (or without torchrun)" if written_by == 1 else "")
+            + "; each process's share of the batches and its dropout stream depend on the count"
+        )
+    load_weights_into(model, checkpoint / "model.safetensors")
+    tensors = read_safetensors(checkpoint / "state.safetensors")
     optimizer.load_state_dict(unflatten_state(tensors, meta["optimizer"]))
     scheduler.load_state_dict(meta["scheduler"])
     set_rng_state({k.removeprefix("rng/"): v for k, v in tensors.items() if k.startswith("rng/")}, meta["rng"])
+    if world_size > 1:  # this process's own dropout stream (numpy's and python's global RNGs are not drawn from)
+        torch.set_rng_state(tensors[f"rank-rng/{rank}/torch"])
+        cuda = tensors.get(f"rank-rng/{rank}/cuda")
+        if cuda is not None and torch.cuda.is_available():
+            torch.cuda.set_rng_state(cuda)
     return meta

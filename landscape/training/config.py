@@ -16,6 +16,7 @@ from landscape.core.rundir import RENAMED_OPTIONS, upgrade_config
 from landscape.data.tasks import get_task
 from landscape.models.devices import autocast_dtype, resolve_device
 from landscape.training.recipes import DEFAULT_RECIPE, PAPER_RECIPES, RECIPES, with_recipe
+from optimizers import pieces
 from optimizers.base import BASE_OPTIMIZERS
 from optimizers.variants import CORE_SETTINGS, SAM_VARIANTS, get_variant
 
@@ -60,7 +61,9 @@ class TrainConfig:
     eval_batch_size: int = 64
     dropout: float | None = None  # None: the model config's dropout
     device: str = "auto"  # auto (CUDA, else MPS, else CPU), cpu, cuda, cuda:N, mps; a run may resume elsewhere
-    precision: str = "fp32"  # fp32, or bf16 autocast (master weights and SAM's arithmetic stay fp32)
+    precision: str = "fp32"  # fp32, bf16 or fp16 autocast (master weights and SAM's arithmetic stay fp32)
+    grad_accum: int = 1  # micro-batches of batch_size / grad_accum per step (one gradient, less memory)
+    local_ascent: bool = False  # data parallel: each process its own epsilon (m-sharpness with m = world size)
     # --- the sharpness-aware family (optimizers.variants); "none" is the base optimizer alone
     sam: str = "none"
     rho: float = 0.05
@@ -178,6 +181,22 @@ class TrainConfig:
         for name in ("m_sharpness", "looksam_k"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if isinstance(self.grad_accum, bool) or not isinstance(self.grad_accum, int) or self.grad_accum < 1:
+            raise ConfigError(f"grad_accum must be an int >= 1, got {self.grad_accum!r}")
+        if self.batch_size % self.grad_accum:
+            raise ConfigError(
+                f"grad_accum {self.grad_accum} does not divide batch_size {self.batch_size}; "
+                "expected micro-batches of equal size batch_size / grad_accum"
+            )
+        if self.grad_accum > 1 and self.sam != "none":
+            whole = [name for name in get_variant(self.sam).pieces or () if getattr(pieces, name).whole_batch]
+            if whole:
+                raise ConfigError(
+                    f"--grad-accum {self.grad_accum} with --sam {self.sam}: {self.sam} weighs or selects examples "
+                    "from the losses of the whole batch, which accumulation never holds at once; use --grad-accum 1"
+                )
+        if self.local_ascent and self.sam == "none":
+            raise ConfigError("--local-ascent keeps each process's own epsilon: it needs a sharpness-aware --sam")
         if self.uses_fisher_mask and self.sam == "none":
             raise ConfigError("fisher_mask needs a sharpness-aware variant (--sam); it masks the perturbation")
 
@@ -197,5 +216,6 @@ def comparable(config: dict[str, Any]) -> dict[str, Any]:
     Options added to :class:`TrainConfig` after a run was written take their defaults, so older runs still resume.
     """
     defaults = {f.name: f.default for f in fields(TrainConfig) if f.default is not MISSING}
-    ignored = ("out", "data_dir", "device")  # a run may resume on another device: its arithmetic is the same
+    # A run may resume on another device (its arithmetic is the same); the world size is checked by the trainer.
+    ignored = ("out", "data_dir", "device")
     return {k: v for k, v in {**defaults, **upgrade_config(config)}.items() if k not in ignored}

@@ -16,6 +16,7 @@ import shutil
 import sys
 import time
 from collections.abc import Callable
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NoReturn, Protocol
@@ -44,14 +45,17 @@ from landscape.core.rundir import (
 from landscape.data.encoding import EncodedSplit, collate, default_cache_dir, encode_split
 from landscape.data.losses import per_example_loss
 from landscape.data.tasks import TaskSpec, get_task, load_split, resolve_data_dir, subsample_indices
-from landscape.models.devices import autocast_dtype, resolve_device
+from landscape.models.devices import autocast_dtype
 from landscape.models.evaluation import evaluate
 from landscape.models.loading import load_model, load_tokenizer
 from landscape.models.weights import load_weights_into, save_weights
 from landscape.training.checkpoints import list_checkpoints, load_training_state, save_training_state
 from landscape.training.config import TrainConfig, comparable
+from landscape.training.distributed import check_world, data_parallel, on_rank_zero, process_seed, share_of
 from landscape.training.init_from import freeze_all_but_head, load_encoder_from
 from optimizers import BatchClosure, NonFiniteLossError, SharpnessAware, make_base_optimizer, make_sharpness_optimizer
+from optimizers.loss_scale import DynamicLossScale
+from optimizers.replicas import Replicas
 
 
 @dataclass(frozen=True)
@@ -204,15 +208,19 @@ def train(
     """
     config = config.resolved()
     check_mask_provider(config, fisher)
-    with locked_output(config.out):
-        return _train(
-            config,
-            resume=resume,
-            overwrite=overwrite,
-            progress=progress,
-            stop_after_step=stop_after_step,
-            fisher=fisher,
-        )
+    with data_parallel(config.device) as (replicas, device):
+        check_world(config.batch_size, config.grad_accum, replicas)
+        with locked_output(config.out) if replicas.rank == 0 else nullcontext():
+            return _train(
+                config,
+                resume=resume,
+                overwrite=overwrite,
+                progress=progress and replicas.rank == 0,
+                stop_after_step=stop_after_step,
+                fisher=fisher,
+                replicas=replicas,
+                device=device,
+            )
 
 
 def _train(
@@ -223,12 +231,17 @@ def _train(
     progress: bool,
     stop_after_step: int | None,
     fisher: FisherMaskProvider | None,
+    replicas: Replicas,
+    device: torch.device,
 ) -> TrainResult:
-    """:func:`train` once ``config`` is resolved and the run directory locked."""
+    """:func:`train` once ``config`` is resolved and the run directory locked (by rank 0, the one that writes)."""
     started = time.time()
     run_dir = Path(config.out)
+    writer = replicas.rank == 0
     data = prepare_data(config)
-    resuming = prepare_run_dir(run_dir, config, resume=resume, overwrite=overwrite)
+    resuming = on_rank_zero(
+        replicas, lambda: prepare_run_dir(run_dir, config, resume=resume, overwrite=overwrite), str, "True".__eq__
+    )
 
     steps_per_epoch = math.ceil(len(data.train) / config.batch_size)
     total_steps = config.max_steps or steps_per_epoch * config.epochs
@@ -236,7 +249,6 @@ def _train(
     if warmup_steps >= total_steps and total_steps > 1:
         raise ConfigError(f"warm-up ({warmup_steps} steps) must be shorter than training ({total_steps} steps)")
 
-    device = resolve_device(config.device)
     autocast = autocast_dtype(config.precision)
     loaded = load_model(config.model, data.task, seed=config.seed, dropout=config.dropout)
     model = loaded.model
@@ -244,11 +256,12 @@ def _train(
     init_record = load_encoder_from(model, config.init_from) if config.init_from and not resuming else None
     trainable = freeze_all_but_head(model) if config.freeze_encoder else None
     model.to(device)  # before the optimizer is built: its state lives where the parameters do
-    optimizer = build_optimizer(config, model)
+    optimizer = build_optimizer(config, model, replicas=replicas)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, linear_schedule(warmup_steps, total_steps))
 
-    run_dir.mkdir(parents=True, exist_ok=True)
-    log = MetricsLog(run_dir / METRICS_FILE)
+    if writer:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    log = MetricsLog(run_dir / METRICS_FILE) if writer else None
     checkpoints_dir = run_dir / "checkpoints"
     start_step, resumed_from, train_seconds = 0, None, 0.0
     run_info: dict[str, Any] = {
@@ -266,6 +279,7 @@ def _train(
         "warmup_steps": warmup_steps,
         "status": "running",
         "command": sys.argv,
+        "world_size": replicas.world_size,
     }
     if trainable is not None:
         run_info["trained_parameters"] = trainable
@@ -278,23 +292,33 @@ def _train(
             run_info["init_from"] = previous["init_from"]
         found = list_checkpoints(checkpoints_dir)
         if found:
-            meta = load_training_state(found[-1], model=model, optimizer=optimizer, scheduler=scheduler)
+            meta = load_training_state(
+                found[-1],
+                model=model,
+                optimizer=optimizer,
+                scheduler=scheduler,
+                rank=replicas.rank,
+                world_size=replicas.world_size,
+            )
             start_step = resumed_from = meta["step"]
             train_seconds = meta.get("train_seconds", 0.0)
         else:  # killed before the first checkpoint: start over from θ0, which init.safetensors holds
             load_weights_into(model, run_dir / INIT_WEIGHTS)
-        log.truncate_after(start_step)
+        if writer:
+            log.truncate_after(start_step)
     else:
         run_info["started"] = started
         if init_record is not None:
             run_info["init_from"] = init_record
-        save_weights(run_dir / INIT_WEIGHTS, model, {"landscape": "init", "task": data.task.name})
-        log.truncate_after(0)
-    write_json(run_dir / RUN_FILE, run_info)
+        if writer:
+            save_weights(run_dir / INIT_WEIGHTS, model, {"landscape": "init", "task": data.task.name})
+            log.truncate_after(0)
+    if writer:
+        write_json(run_dir / RUN_FILE, run_info)
 
     # Dropout draws from the global RNG; seeding it here (a resumed run restores it instead) fixes every mask.
     if resumed_from is None:
-        torch.manual_seed(config.seed)
+        torch.manual_seed(process_seed(config.seed, replicas.rank))
     set_train_mode(model, config)
 
     bar = tqdm(total=total_steps, initial=start_step, desc=f"train {data.task.name}", disable=not progress)
@@ -302,67 +326,76 @@ def _train(
     for step in range(start_step, total_steps):
         tick = time.perf_counter()
         if config.uses_fisher_mask and step % config.mask_interval == 0:
-            log.append(refresh_fisher_mask(model, optimizer, data, config, step, fisher))
-        indices = batch_indices(len(data.train), config.batch_size, config.seed, step)
+            record = refresh_fisher_mask(model, optimizer, data, config, step, fisher, replicas)
+            if writer:
+                log.append(record)
+        indices = share_of(batch_indices(len(data.train), config.batch_size, config.seed, step), replicas)
         batch = collate(data.train, indices, data.pad_token_id)
         lr = optimizer.param_groups[0]["lr"]
         try:
             losses = optimizer.step(batch_closure(model, batch, autocast=autocast))
         except NonFiniteLossError as exc:
             bar.close()
-            diverged(run_dir, run_info, step + 1, f"the loss is not finite ({exc})", config, checkpoints_dir)
+            diverged(run_dir, run_info, step + 1, f"the loss is not finite ({exc})", config, checkpoints_dir, writer)
         if not all(bool(torch.isfinite(p).all()) for p in model.parameters()):
             bar.close()
-            diverged(
-                run_dir, run_info, step + 1, "the weights are not finite after the update", config, checkpoints_dir
-            )
+            reason = "the weights are not finite after the update"
+            diverged(run_dir, run_info, step + 1, reason, config, checkpoints_dir, writer)
         scheduler.step()
         train_seconds += time.perf_counter() - tick
         done = step + 1
-        record = {
-            "kind": "train",
-            "step": done,
-            "epoch": step // steps_per_epoch,
-            "loss": float(losses.mean()),
-            "lr": lr,
-        }
+        loss = mean_over_replicas(losses, replicas)
+        record = {"kind": "train", "step": done, "epoch": step // steps_per_epoch, "loss": loss, "lr": lr}
         if isinstance(optimizer, SharpnessAware):
             record.update(rho=optimizer.last.rho, perturbation_norm=optimizer.last.perturbation_norm)
             record.update(optimizer.last.extra)  # e.g. δ-SAM's negative_weight_fraction
-        log.append(record)
+        if optimizer.loss_scale is not None:
+            record.update(loss_scale=optimizer.loss_scale.scale, skipped=optimizer.skipped)
+        if writer:
+            log.append(record)
         bar.update(1)
-        bar.set_postfix(loss=f"{float(losses.mean()):.4f}", lr=f"{lr:.2e}")
+        bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}")
         if config.eval_every and done % config.eval_every == 0 and done < total_steps:
             dev_metrics = evaluate(
                 model, data.dev, data.task, batch_size=config.eval_batch_size, pad_token_id=data.pad_token_id
             )
-            log.append({"kind": "eval", "step": done, "split": "dev", **dev_metrics})
+            if writer:
+                log.append({"kind": "eval", "step": done, "split": "dev", **dev_metrics})
         if done % config.save_every == 0 and done < total_steps:
-            save_training_state(
-                checkpoints_dir,
-                done,
-                model=model,
-                optimizer=optimizer,
-                scheduler=scheduler,
-                extra={"train_seconds": train_seconds},
-                keep=config.keep_checkpoints,
-            )
+            # Every process's RNG state goes into the checkpoint (its dropout stream): all of them take part.
+            rank_rng = gather_rng_states(replicas)
+            if writer:
+                save_training_state(
+                    checkpoints_dir,
+                    done,
+                    model=model,
+                    optimizer=optimizer,
+                    scheduler=scheduler,
+                    extra={"train_seconds": train_seconds},
+                    keep=config.keep_checkpoints,
+                    rank_rng=rank_rng,
+                )
+            replicas.barrier()  # a kill after this step finds the checkpoint complete for every process
         if stop_after_step is not None and done >= stop_after_step and done < total_steps:
             bar.close()
             raise TrainingInterrupted(f"stopped after step {done} of {total_steps}")
     bar.close()
 
-    save_weights(run_dir / FINAL_WEIGHTS, model, {"landscape": "final", "task": data.task.name})
+    if writer:
+        save_weights(run_dir / FINAL_WEIGHTS, model, {"landscape": "final", "task": data.task.name})
     tick = time.perf_counter()
     dev_metrics = evaluate(
         model, data.dev, data.task, batch_size=config.eval_batch_size, pad_token_id=data.pad_token_id
     )
     eval_seconds = time.perf_counter() - tick
-    log.append({"kind": "eval", "step": total_steps, "split": "dev", **dev_metrics})
+    if writer:
+        log.append({"kind": "eval", "step": total_steps, "split": "dev", **dev_metrics})
     if not all(math.isfinite(value) for value in dev_metrics.values()):
-        (run_dir / FINAL_WEIGHTS).unlink(missing_ok=True)
+        if writer:
+            (run_dir / FINAL_WEIGHTS).unlink(missing_ok=True)
         bad = ", ".join(f"{k} {v}" for k, v in dev_metrics.items() if not math.isfinite(v))
-        diverged(run_dir, run_info, total_steps, f"the dev metrics are not finite ({bad})", config, checkpoints_dir)
+        reason = f"the dev metrics are not finite ({bad})"
+        diverged(run_dir, run_info, total_steps, reason, config, checkpoints_dir, writer)
     run_info.update(
         status="completed",
         dev_metrics=dev_metrics,
@@ -374,14 +407,19 @@ def _train(
         },
         resumed_from=resumed_from,
     )
-    write_json(run_dir / RUN_FILE, run_info)
-    # The resumable state only serves an unfinished run; a completed one keeps θ0, θ1 and its metrics.
-    shutil.rmtree(checkpoints_dir, ignore_errors=True)
+    if writer:
+        write_json(run_dir / RUN_FILE, run_info)
+        # The resumable state only serves an unfinished run; a completed one keeps θ0, θ1 and its metrics.
+        shutil.rmtree(checkpoints_dir, ignore_errors=True)
+    replicas.barrier()  # every process returns once the run directory is complete
     return TrainResult(run_dir, dev_metrics, total_steps, resumed_from)
 
 
-def build_optimizer(config: TrainConfig, model: torch.nn.Module) -> torch.optim.Optimizer:
-    """The base optimizer of ``config`` over ``model``, wrapped as its sharpness-aware variant (resolved config)."""
+def build_optimizer(
+    config: TrainConfig, model: torch.nn.Module, *, replicas: Replicas | None = None
+) -> torch.optim.Optimizer:
+    """The base optimizer of ``config`` over ``model``, wrapped as its sharpness-aware variant (resolved config);
+    with fp16 it carries the loss scale, with ``replicas`` it averages the gradients over them."""
     try:  # the optimizers raise ValueError as torch.optim does; here it is the user's configuration
         base = make_base_optimizer(
             config.optimizer,
@@ -397,6 +435,10 @@ def build_optimizer(config: TrainConfig, model: torch.nn.Module) -> torch.optim.
             named_parameters=model.named_parameters(),
             seed=config.seed,
             max_grad_norm=config.max_grad_norm,
+            accumulation=config.grad_accum,
+            replicas=replicas,
+            loss_scale=DynamicLossScale() if config.precision == "fp16" else None,
+            local_ascent=config.local_ascent,
             **config.sharpness_settings(),
         )
     except ValueError as exc:
@@ -424,6 +466,26 @@ def batch_closure(
     return BatchClosure(losses_of, int(batch["labels"].shape[0]))
 
 
+def mean_over_replicas(losses: torch.Tensor, replicas: Replicas) -> float:
+    """The mean of the per-example ``losses`` over every process's share (the global batch's mean loss)."""
+    if replicas.world_size == 1:
+        return float(losses.mean())
+    count = torch.tensor(float(losses.numel()), dtype=torch.float64, device=losses.device)
+    total = replicas.sum(torch.stack([losses.double().sum(), count]))
+    return float(total[0] / total[1])
+
+
+def gather_rng_states(replicas: Replicas) -> list[dict[str, torch.Tensor]] | None:
+    """Every process's torch (and CUDA) RNG state, in rank order; None for one process (the usual state suffices)."""
+    if replicas.world_size == 1:
+        return None
+    states = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        states["cuda"] = torch.cuda.get_rng_state()
+    gathered = {key: replicas.gather_tensors(value) for key, value in states.items()}
+    return [{key: gathered[key][rank] for key in states} for rank in range(replicas.world_size)]
+
+
 def refresh_fisher_mask(
     model: torch.nn.Module,
     optimizer: SharpnessAware,
@@ -431,20 +493,32 @@ def refresh_fisher_mask(
     config: TrainConfig,
     step: int,
     fisher: FisherMaskProvider,
+    replicas: Replicas,
 ) -> dict[str, Any]:
     """FSAM Algorithm 1, lines 6–11: empirical Fisher on N_Fisher sampled training examples, top-(1−s) mask.
 
     The examples are drawn without replacement from a generator seeded by (seed, step), so a resumed run draws the
     same ones. The Fisher is computed without touching ``.grad``. Returns the record logged to ``metrics.jsonl``.
+    With several processes each computes the Fisher of its share of the examples and the provider sums them
+    (``replicas=``), so every process installs the same mask.
     """
     count = min(config.fisher_samples, len(data.train))
     chosen = np.random.default_rng([config.seed, step, 1]).choice(len(data.train), size=count, replace=False)
+    if count < replicas.world_size:
+        raise ConfigError(
+            f"fisher_samples {count} is smaller than the {replicas.world_size} processes; expected at least one "
+            "example per process"
+        )
+    chosen = share_of(chosen, replicas)
     batches = [
         collate(data.train, chosen[start : start + config.batch_size], data.pad_token_id)
-        for start in range(0, count, config.batch_size)
+        for start in range(0, len(chosen), config.batch_size)
     ]
     previous = optimizer.mask_by_name(model.named_parameters()) or None
-    mask, statistics = fisher(model, batches, mode=config.fisher_mode, sparsity=config.sparsity, previous=previous)
+    options = {"mode": config.fisher_mode, "sparsity": config.sparsity, "previous": previous}
+    if replicas.world_size > 1:  # a provider for one process need not know the keyword
+        options["replicas"] = replicas
+    mask, statistics = fisher(model, batches, **options)
     optimizer.set_mask(mask, model.named_parameters())
     # Logged under the 1-based number of the step that first uses the mask, like the train records.
     return {"kind": "mask", "step": step + 1, "fisher_mode": config.fisher_mode, **statistics}
@@ -489,13 +563,23 @@ class TrainingDiverged(LandscapeError):
 
 
 def diverged(
-    run_dir: Path, run_info: dict[str, Any], step: int, reason: str, config: TrainConfig, checkpoints_dir: Path
+    run_dir: Path,
+    run_info: dict[str, Any],
+    step: int,
+    reason: str,
+    config: TrainConfig,
+    checkpoints_dir: Path,
+    writer: bool = True,
 ) -> NoReturn:
-    """Mark the run ``diverged`` in run.json (no final weights, checkpoints kept); raise :class:`TrainingDiverged`."""
+    """Mark the run ``diverged`` in run.json (no final weights, checkpoints kept); raise :class:`TrainingDiverged`.
+
+    Every process raises (they all see the same non-finite values); the ``writer`` (rank 0) writes run.json.
+    """
     found = list_checkpoints(checkpoints_dir)
     kept = f"the last finite checkpoint is {found[-1]}" if found else "no checkpoint was written before it"
     run_info.update(status=DIVERGED, diverged={"step": step, "reason": reason})
-    write_json(run_dir / RUN_FILE, run_info)
+    if writer:
+        write_json(run_dir / RUN_FILE, run_info)
     raise TrainingDiverged(
         f"training diverged at step {step}: {reason}; lower the learning rate (lr {config.lr:g}) or check "
         f"weight_decay / max_grad_norm; {kept}"

@@ -2,10 +2,10 @@
 
 Layers, bottom to top (docs/design.md draws them): ``landscape.core``; ``landscape.data``; ``landscape.models``;
 ``landscape.training`` (the only user of ``optimizers``, besides the CLI); ``landscape.geometry``; ``analyses``;
-``landscape.cli`` and ``landscape.demo``. ``optimizers`` stands beside them and depends on torch alone;
-``figures`` reads result files and imports nothing of the project but ``landscape.core``, the (torch-free) task
-registry and the (torch-free) variant registry ``optimizers.variants``. Imports inside functions count as much as
-those at the top of a module: a lazy import is a dependency.
+``landscape.cli``, ``landscape.demo`` and ``landscape.__main__``. ``optimizers`` stands beside them and depends on
+torch alone; ``figures`` reads result files and imports nothing of the project but ``landscape.core``, the
+(torch-free) task registry and the (torch-free) variant registry ``optimizers.variants``. Imports inside functions
+count as much as those at the top of a module: a lazy import is a dependency.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ LAYERS = (
     ("landscape.training",),
     ("landscape.geometry",),
     ("analyses",),
-    ("landscape.cli", "landscape.demo"),
+    ("landscape.cli", "landscape.demo", "landscape.__main__"),
 )
 # Who may import what besides the layer order: optimizers only itself; figures only itself and the core.
 ALLOWED_ONLY = {

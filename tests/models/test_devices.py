@@ -24,8 +24,9 @@ def test_devices_resolve_or_are_refused_with_one_line():
         with pytest.raises(ConfigError, match="CUDA is not available on this machine"):
             resolve_device("cuda")
     assert autocast_dtype("fp32") is None and autocast_dtype("bf16") is torch.bfloat16
-    with pytest.raises(ConfigError, match="loss scaler"):
-        autocast_dtype("fp16")
+    assert autocast_dtype("fp16") is torch.float16  # with the loss scale of optimizers.loss_scale
+    with pytest.raises(ConfigError, match="expected one of fp32, bf16, fp16"):
+        autocast_dtype("fp8")
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without CUDA")
