@@ -29,7 +29,7 @@ from landscape.core.errors import ConfigError
 from landscape.core.locks import locks_output
 from landscape.core.params import content_hash, model_parameters
 from landscape.core.results import Result
-from landscape.models.jobs import AnalysisJob, DataSelection
+from landscape.models.jobs import AnalysisJob, DataSelection, evaluation_arrays, evaluation_meta
 from landscape.models.runs import evaluate_subset, load_run_model
 
 KIND = "hessian"
@@ -136,8 +136,13 @@ def compute_hessian(
     overwrite: bool = False,
     progress: bool = False,
     device: str = "cpu",
+    checkpoint_every: float = 60.0,
 ) -> tuple[Result, bool]:
     """The ``hessian`` result of the run's ``weights``, saved to ``out``; returns ``(result, skipped)``.
+
+    Resumable: every estimate (eigenpairs, trace, density, the evaluation) is kept in ``out`` when done, and the
+    Lanczos / Hutchinson state every ``checkpoint_every`` seconds; a rerun after a kill continues from there and
+    gives bitwise the arrays of an uninterrupted run.
 
     ``data`` defaults to 128 dev examples drawn with seed 0 (the seed also draws the start and probe vectors).
     A complete result of the same identity in ``out`` is returned as it is; one of other parameters raises
@@ -162,45 +167,72 @@ def compute_hessian(
     if options.top_k > operator.dim:
         raise ConfigError(f"--top-k {options.top_k} exceeds the {operator.dim} selected parameters")
     shown = _ShowProgress(operator) if progress else operator
-    arrays: dict[str, np.ndarray] = {}
-    meta: dict[str, Any] = {}
+    # Each estimate is a unit of the job's progress: a rerun after a kill skips the finished ones and continues
+    # Lanczos and Hutchinson from their last kept state (every ``checkpoint_every`` seconds), bitwise.
+    store = job.progress(every_seconds=checkpoint_every)
     seed = data.seed
-    if options.backend == "native":
-        eigen = lanczos(
-            shown, options.top_k, which=which, max_iter=options.max_iter, tol=options.tol, seed=seed,
-            return_eigenvectors=False,
-        )  # fmt: skip
-        eigenvalues, residuals, converged = eigen.eigenvalues, eigen.residuals, eigen.converged
-    else:
-        eigenvalues, vectors = pyhessian_eigenvalues(
+
+    def keeper(name):
+        return lambda state: store.keep(name, state)
+
+    def eigenpairs() -> dict[str, np.ndarray]:
+        if options.backend == "native":
+            eigen = lanczos(
+                shown, options.top_k, which=which, max_iter=options.max_iter, tol=options.tol, seed=seed,
+                return_eigenvectors=False, state=store.partial("eigen"), keep=keeper("eigen"),
+            )  # fmt: skip
+            return {"eigenvalues": eigen.eigenvalues, "residuals": eigen.residuals, "converged": eigen.converged,
+                    "matvecs": np.int64(eigen.matvecs)}  # fmt: skip
+        values, vectors = pyhessian_eigenvalues(
             model, subset, options.top_k, parameter_filter=parameter_filter, max_iter=options.max_iter or 100,
             tol=options.tol, seed=seed,
         )  # fmt: skip
         # Scored with our operator: the explicit residual of each returned pair.
         residuals = np.array(
-            [float((operator.matvec(v) - value * v).norm()) for value, v in zip(eigenvalues, vectors, strict=True)]
+            [float((operator.matvec(v) - value * v).norm()) for value, v in zip(values, vectors, strict=True)]
         )
-        converged = residuals <= options.tol * np.maximum(1.0, np.abs(eigenvalues))
-    arrays.update(eigenvalues=eigenvalues, residuals=residuals, converged=converged)
+        converged = residuals <= options.tol * np.maximum(1.0, np.abs(values))
+        return {"eigenvalues": values, "residuals": residuals, "converged": converged,
+                "matvecs": np.int64(len(values))}  # fmt: skip
 
-    if options.trace:
+    def hutchinson_trace() -> dict[str, np.ndarray]:
         if options.backend == "pyhessian":
             estimate = pyhessian_trace(
                 model, subset, options.trace_samples, parameter_filter=parameter_filter, seed=seed
             )
         else:
-            wanted = options.trace_method != "hutchpp"
-            estimate = hutchinson(shown, options.trace_samples, seed=seed) if wanted else None
-        if estimate is not None:
-            arrays.update(trace=np.float64(estimate.mean), trace_se=np.float64(estimate.se))
-        if options.trace_method in ("hutchpp", "both"):
-            plus = hutchpp(shown, options.trace_samples, seed=seed)
-            arrays.update(hutchpp_trace=np.float64(plus.mean), hutchpp_trace_se=np.float64(plus.se))
+            estimate = hutchinson(
+                shown, options.trace_samples, seed=seed, state=store.partial("trace"), keep=keeper("trace")
+            )
+        return {"trace": np.float64(estimate.mean), "trace_se": np.float64(estimate.se),
+                "matvecs": np.int64(options.trace_samples)}  # fmt: skip
 
-    if options.density:
+    def hutchpp_trace() -> dict[str, np.ndarray]:
+        plus = hutchpp(shown, options.trace_samples, seed=seed)
+        return {"hutchpp_trace": np.float64(plus.mean), "hutchpp_trace_se": np.float64(plus.se),
+                "matvecs": np.int64(options.trace_samples)}  # fmt: skip
+
+    def quadrature() -> dict[str, np.ndarray]:
         nodes, node_weights = lanczos_quadrature(
             shown, vectors=options.density_vectors, steps=options.density_steps, seed=seed
         )
+        return {"nodes": nodes, "weights": node_weights, "matvecs": np.int64(nodes.size)}
+
+    units: dict[str, dict[str, np.ndarray]] = {}
+    units["eigen"] = store.unit("eigen", eigenpairs)
+    arrays: dict[str, np.ndarray] = {key: units["eigen"][key] for key in ("eigenvalues", "residuals", "converged")}
+    meta: dict[str, Any] = {}
+    if options.trace:
+        if options.backend == "pyhessian" or options.trace_method != "hutchpp":
+            units["trace"] = store.unit("trace", hutchinson_trace)
+            arrays.update(trace=units["trace"]["trace"], trace_se=units["trace"]["trace_se"])
+        if options.backend != "pyhessian" and options.trace_method in ("hutchpp", "both"):
+            units["hutchpp"] = store.unit("hutchpp", hutchpp_trace)
+            arrays.update({key: units["hutchpp"][key] for key in ("hutchpp_trace", "hutchpp_trace_se")})
+
+    if options.density:
+        units["density"] = store.unit("density", quadrature)
+        nodes, node_weights = units["density"]["nodes"], units["density"]["weights"]
         sigma = options.density_sigma or default_sigma(nodes)
         grid = density_grid(nodes, sigma, options.density_grid)
         arrays.update(
@@ -218,7 +250,7 @@ def compute_hessian(
 
     if progress:
         print(file=sys.stderr)
-    evaluation = evaluate_subset(model, subset)
+    evaluation = store.unit("evaluation", lambda: evaluation_arrays(evaluate_subset(model, subset)))
     meta.update(
         run=run.describe(),
         data=subset.describe(),
@@ -232,9 +264,9 @@ def compute_hessian(
         parameters={"pattern": options.params, "names": len(operator.parameter_names), "dim": operator.dim},
         trace_method=options.trace_method if options.trace else None,
         trace_samples=options.trace_samples if options.trace else None,
-        matvecs=operator.matvecs,
-        loss=evaluation.loss,
-        metric=evaluation.metric,
-        metric_name=evaluation.metric_name,
+        matvecs=int(sum(int(unit["matvecs"]) for unit in units.values())),
+        matvecs_this_session=operator.matvecs,
+        resumed_units=store.resumed_units,
+        **evaluation_meta(evaluation),
     )
     return job.save(arrays, meta), False

@@ -33,10 +33,11 @@ import math
 import numbers
 import re
 import warnings
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -74,6 +75,8 @@ def empirical_fisher(
     mode: str = "per-example",
     chunk_size: int = 16,
     params: Callable[[str], bool] | None = None,
+    state: Mapping[str, np.ndarray] | None = None,
+    keep: Callable[[Callable[[], dict[str, np.ndarray]]], None] | None = None,
 ) -> FisherResult:
     """The diagonal empirical Fisher of ``model`` over the examples of ``batches`` (FSAM Eq. 9, or its batch-mean form).
 
@@ -86,16 +89,19 @@ def empirical_fisher(
     ``mode="per-example"`` vectorises over ``chunk_size`` examples at a time: memory grows with
     ``chunk_size × number of parameters`` (one gradient per example of the chunk). ``params`` selects parameters by
     name among those with ``requires_grad`` (default: all of them). The model is left exactly as it was.
+
+    Resuming: ``keep`` is called before each batch with a function returning the running sums and counts; handed
+    back as ``state`` (same model, batches and options), the sums continue from it bitwise.
     """
     _check_mode(mode)
     if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
         raise ConfigError(f"chunk_size must be a positive integer, got {chunk_size!r}")
     selected = _selected_parameters(model, params)
     if mode == "batch-mean":
-        return _batch_mean_fisher(model, batches, selected)
+        return _batch_mean_fisher(model, batches, selected, state, keep)
     device, dtype = _device_and_dtype(selected)
     sums = _zeros_like_accumulators(selected)
-    count = 0
+    first, count, _ = _restore_sums(sums, state)
     # grad() ignores an enclosing no_grad for its own computation; the no_grad only keeps the ordinary autograd from
     # recording a graph through the model's real parameters.
     with eval_mode(model), torch.no_grad(), warnings.catch_warnings():
@@ -105,6 +111,10 @@ def empirical_fisher(
         example_nll = example_loss_function(model, dtype, _negative_log_likelihood)
         per_example_grads = vmap(grad(example_nll), in_dims=(None, 0))
         for index, batch in enumerate(batches):
+            if index < first:
+                continue
+            if keep is not None and index > 0:
+                keep(lambda index=index, count=count: _sums_state(sums, index, count, 0))
             batch = _checked_batch(batch, index, device)
             size = batch["labels"].shape[0]
             for start in range(0, size, chunk_size):
@@ -144,15 +154,19 @@ def empirical_fisher_loop(
 
 
 def _batch_mean_fisher(
-    model: nn.Module, batches: Iterable[dict[str, torch.Tensor]], selected: dict[str, nn.Parameter]
+    model: nn.Module, batches: Iterable[dict[str, torch.Tensor]], selected: dict[str, nn.Parameter], state, keep
 ) -> FisherResult:
     """(1/K) Σ_k (∇ mean_{i∈B_k} −log p(y_i | x_i))²: the FSAM authors' code, one squared gradient per batch."""
     device, _ = _device_and_dtype(selected)
     sums = _zeros_like_accumulators(selected)
-    count = num_batches = 0
+    first, count, num_batches = _restore_sums(sums, state)
     # enable_grad: callers such as an optimizer's step() may run under no_grad.
     with eval_mode(model), torch.enable_grad():
         for index, batch in enumerate(batches):
+            if index < first:
+                continue
+            if keep is not None and index > 0:
+                keep(lambda index=index, count=count, n=num_batches: _sums_state(sums, index, count, n))
             batch = _checked_batch(batch, index, device)
             mean_nll = _negative_log_likelihood(batch_logits(model, batch), batch["labels"]).mean()
             _add_squared_gradient(sums, mean_nll, selected)
@@ -166,6 +180,24 @@ def _batch_mean_fisher(
         num_examples=count,
         mode="batch-mean",
     )
+
+
+def _sums_state(sums: dict[str, torch.Tensor], batches_done: int, count: int, num_batches: int) -> dict:
+    state = {f"sum-{name}": total.cpu().numpy().copy() for name, total in sums.items()}
+    state.update(batches_done=np.int64(batches_done), count=np.int64(count), num_batches=np.int64(num_batches))
+    return state
+
+
+def _restore_sums(sums: dict[str, torch.Tensor], state: Mapping[str, np.ndarray] | None) -> tuple[int, int, int]:
+    """Put a saved state's running sums into ``sums``; return (batches done, examples counted, batches counted)."""
+    if state is None:
+        return 0, 0, 0
+    for name, total in sums.items():
+        saved = state.get(f"sum-{name}")
+        if saved is None or saved.shape != tuple(total.shape):
+            raise ConfigError(f"the saved Fisher sums do not match parameter {name}; rerun with --overwrite")
+        total.copy_(torch.from_numpy(np.asarray(saved)))  # cpu: copied onto the sums' device
+    return int(state["batches_done"]), int(state["count"]), int(state["num_batches"])
 
 
 def _add_squared_gradient(sums: dict[str, torch.Tensor], loss: torch.Tensor, selected: dict[str, nn.Parameter]) -> None:

@@ -115,13 +115,36 @@ def fisher_diagonal(
     parameter_filter: Callable[[str], bool] | None = None,
     mode: str = "per-example",
     chunk_size: int = 16,
+    state: Mapping[str, np.ndarray] | None = None,
+    keep: Callable | None = None,
 ) -> FisherResult:
     """:func:`analyses.fisher.empirical_fisher` of a model whose parameters may be frozen (as analyses load them).
 
     The selected parameters (all by default) take part whatever their ``requires_grad``; flags are restored after.
+    ``state`` / ``keep``: resuming, as :func:`~analyses.fisher.empirical_fisher`.
     """
     with gradients_enabled(model, parameter_filter):
-        return empirical_fisher(model, batches, mode=mode, chunk_size=chunk_size, params=parameter_filter)
+        return empirical_fisher(
+            model, batches, mode=mode, chunk_size=chunk_size, params=parameter_filter, state=state, keep=keep
+        )
+
+
+def fisher_unit(model: nn.Module, batches: list, mode: str, store: Any, name: str) -> tuple[dict, int]:
+    """The Fisher diagonal of ``model`` as the progress unit ``name`` of ``store`` (running sums kept while it runs);
+    returns (diagonal as float32 tensors, number of examples)."""
+
+    def compute() -> dict[str, np.ndarray]:
+        fisher = fisher_diagonal(
+            model, batches, mode=mode, state=store.partial(name), keep=lambda state: store.keep(name, state)
+        )
+        arrays = {f"diagonal-{key}": value.cpu().numpy() for key, value in fisher.diagonal.items()}
+        return {**arrays, "num_examples": np.int64(fisher.num_examples)}
+
+    arrays = store.unit(name, compute)
+    stored = {key[len("diagonal-") :]: value for key, value in arrays.items() if key.startswith("diagonal-")}
+    # cpu: the distributions are numpy statistics of the stored diagonal
+    diagonal = {key: torch.from_numpy(value) for key, value in stored.items()}
+    return diagonal, int(arrays["num_examples"])
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -253,8 +276,12 @@ def compute_fisher(
     data: DataSelection | None = None,
     overwrite: bool = False,
     device: str = "cpu",
+    checkpoint_every: float = 60.0,
 ) -> tuple[Result, bool]:
     """The ``fisher`` result of the run's ``weights`` on the examples ``data`` selects, saved to ``out``.
+
+    Resumable: the running sums are kept every ``checkpoint_every`` seconds and each finished diagonal at once; a
+    rerun after a kill gives bitwise the arrays of an uninterrupted run.
 
     ``data`` defaults to 128 training examples drawn with seed 0.
 
@@ -304,8 +331,9 @@ def compute_fisher(
     job = AnalysisJob("fisher", out, identity, overwrite=overwrite)
     if job.complete is not None:
         return job.complete, True
-    fisher = fisher_diagonal(loaded.model, subset.batches, mode=mode)
-    arrays = fisher_distributions(fisher.diagonal, sparsity=sparsity, bins=bins)
+    store = job.progress(every_seconds=checkpoint_every)
+    diagonal, num_examples = fisher_unit(loaded.model, subset.batches, mode, store, "fisher")
+    arrays = fisher_distributions(diagonal, sparsity=sparsity, bins=bins)
     meta: dict[str, Any] = {
         "run": run.describe(),
         "data": subset.describe(),
@@ -313,16 +341,17 @@ def compute_fisher(
         "checkpoint_sha256": identity["checkpoint_sha256"],
         "sparsity": float(sparsity),
         "fisher_mode": mode,
-        "num_examples": fisher.num_examples,
-        "total_trace": float(sum(float(v.double().sum()) for v in fisher.diagonal.values())),
+        "num_examples": num_examples,
+        "total_trace": float(sum(float(v.double().sum()) for v in diagonal.values())),
+        "resumed_units": store.resumed_units,
     }
     if other_model is not None and other_run is not None:
-        other = fisher_diagonal(other_model, subset.batches, mode=mode)
+        other, _ = fisher_unit(other_model, subset.batches, mode, store, "compare")
         meta["compare"] = {
             "run": other_run.describe(),
             "weights": identity["compare"]["weights"],
             "checkpoint_sha256": identity["compare"]["checkpoint_sha256"],
-            "total_trace": float(sum(float(v.double().sum()) for v in other.diagonal.values())),
-            **mask_overlap(fisher.diagonal, other.diagonal, sparsity=sparsity),
+            "total_trace": float(sum(float(v.double().sum()) for v in other.values())),
+            **mask_overlap(diagonal, other, sparsity=sparsity),
         }
     return job.save(arrays, meta), False

@@ -43,7 +43,7 @@ from landscape.core.locks import locks_output
 from landscape.core.params import Params, combine, content_hash, model_parameters, norm
 from landscape.core.results import Result
 from landscape.models.evaluation import batch_losses, example_loss_function, outputs_over
-from landscape.models.jobs import AnalysisJob, DataSelection
+from landscape.models.jobs import AnalysisJob, DataSelection, NoProgress, Progress, evaluation_arrays, evaluation_meta
 from landscape.models.runs import EvalSubset, evaluate_subset, load_run_model
 from landscape.models.state import eval_mode
 
@@ -369,6 +369,7 @@ def sharpness_result(
     parameter_filter: Callable[[str], bool] | None = None,
     chunk_size: int = 8,
     progress: bool = False,
+    store: Progress | None = None,
 ) -> Result:
     """Every sharpness metric of ``model`` on ``subset`` as one ``sharpness`` :class:`Result` (docs/results.md).
 
@@ -380,6 +381,9 @@ def sharpness_result(
     with eager attention. ``pgd_step_size`` is a fraction of each ρ (default 2.5/steps). Meta: ``loss``, ``metric``,
     ``metric_name``, ``fisher_trace`` (Σ of the empirical Fisher diagonal, FSAM Eq. 9), ``conventions``,
     ``checkpoint_sha256``, ``data``, ``wall_time_s``. The model is left as it was.
+
+    ``store``: a job's :class:`~landscape.models.jobs.Progress`; every metric is a unit of it (and Lanczos and
+    Hutchinson keep their partial state), so a rerun after a kill skips what was done, bitwise.
     """
     from tqdm.auto import tqdm
 
@@ -394,35 +398,61 @@ def sharpness_result(
     if pgd_step_size is not None:
         _check_radius(pgd_step_size, "PGD step size")
     started = time.perf_counter()
+    store = NoProgress() if store is None else store
     objective = SubsetLoss(model, subset, parameter_filter=parameter_filter)
     total_tasks = 2 * len(rhos) + len(sigmas) + 3 + (top_k > 0) + (trace_samples > 0)
     bar = tqdm(total=total_tasks, disable=not progress, desc="sharpness", unit="metric")
+
+    def counted(name, compute):  # one tick of the bar per unit, computed or found done
+        arrays = store.unit(name, compute)
+        bar.update()
+        return arrays
+
     try:
-        evaluation = evaluate_subset(model, subset)
-        bar.update()
+        evaluation = evaluation_meta(counted("evaluation", lambda: evaluation_arrays(evaluate_subset(model, subset))))
         ascent, pgd, adaptive, adaptive_one = [], [], [], []
-        for r in rhos:
+        for i, r in enumerate(rhos):
             step = None if pgd_step_size is None else pgd_step_size * r
-            plain = epsilon_sharpness(objective, r, steps=pgd_steps, step_size=step)
-            ascent.append(plain.ascent)
-            pgd.append(plain.pgd)
-            bar.update()
-            scaled = adaptive_sharpness(objective, r, eta=eta, steps=pgd_steps, step_size=step)
-            adaptive.append(scaled.pgd)
-            adaptive_one.append(scaled.ascent)
-            bar.update()
+
+            def plain_unit(r=r, step=step):
+                plain = epsilon_sharpness(objective, r, steps=pgd_steps, step_size=step)
+                return {"ascent": np.float64(plain.ascent), "pgd": np.float64(plain.pgd)}
+
+            def scaled_unit(r=r, step=step):
+                scaled = adaptive_sharpness(objective, r, eta=eta, steps=pgd_steps, step_size=step)
+                return {"pgd": np.float64(scaled.pgd), "ascent": np.float64(scaled.ascent)}
+
+            plain = counted(f"epsilon-{i}", plain_unit)
+            ascent.append(float(plain["ascent"]))
+            pgd.append(float(plain["pgd"]))
+            scaled = counted(f"adaptive-{i}", scaled_unit)
+            adaptive.append(float(scaled["pgd"]))
+            adaptive_one.append(float(scaled["ascent"]))
         averages = []
-        for s in sigmas:
-            averages.append(average_sharpness(objective, s, samples=gaussian_samples, seed=seed))
-            bar.update()
-        per_instance = instance_sharpness(
-            model, subset, instance_rho, parameter_filter=parameter_filter, chunk_size=chunk_size
-        )
-        probe = random_probe_guardedness(objective, instance_rho, seed=seed)
-        bar.update()
-        fisher = fisher_diagonal(model, subset.batches, parameter_filter=parameter_filter)
-        fisher_trace = float(sum(float(v.double().sum()) for v in fisher.diagonal.values()))
-        bar.update()
+        for i, s in enumerate(sigmas):
+
+            def average_unit(s=s):
+                average = average_sharpness(objective, s, samples=gaussian_samples, seed=seed)
+                return {"mean": np.float64(average.mean), "se": np.float64(average.se)}
+
+            averages.append(counted(f"average-{i}", average_unit))
+
+        def instance_unit():
+            return {
+                "sharpness": instance_sharpness(
+                    model, subset, instance_rho, parameter_filter=parameter_filter, chunk_size=chunk_size
+                ),
+                "probe": random_probe_guardedness(objective, instance_rho, seed=seed),
+            }
+
+        per_instance = counted("instance", instance_unit)
+
+        def fisher_unit():
+            fisher = fisher_diagonal(model, subset.batches, parameter_filter=parameter_filter)
+            trace = float(sum(float(v.double().sum()) for v in fisher.diagonal.values()))
+            return {"trace": np.float64(trace), "mode": np.asarray(fisher.mode)}
+
+        fisher = counted("fisher", fisher_unit)
         arrays: dict[str, np.ndarray] = {
             "rho": np.asarray(rhos, dtype=np.float64),
             "eps_sharpness_ascent": np.asarray(ascent, dtype=np.float64),
@@ -430,20 +460,18 @@ def sharpness_result(
             "adaptive_sharpness": np.asarray(adaptive, dtype=np.float64),
             "adaptive_sharpness_ascent": np.asarray(adaptive_one, dtype=np.float64),
             "sigma": np.asarray(sigmas, dtype=np.float64),
-            "average_sharpness": np.asarray([a.mean for a in averages], dtype=np.float64),
-            "average_sharpness_se": np.asarray([a.se for a in averages], dtype=np.float64),
-            "instance_sharpness": per_instance,
-            "instance_probe": probe,
+            "average_sharpness": np.asarray([float(a["mean"]) for a in averages], dtype=np.float64),
+            "average_sharpness_se": np.asarray([float(a["se"]) for a in averages], dtype=np.float64),
+            "instance_sharpness": per_instance["sharpness"],
+            "instance_probe": per_instance["probe"],
         }
-        arrays.update(_hessian_arrays(model, subset, top_k, trace_samples, seed, parameter_filter, bar))
+        arrays.update(_hessian_arrays(model, subset, top_k, trace_samples, seed, parameter_filter, bar, store))
     finally:
         bar.close()
     meta = {
-        "loss": evaluation.loss,
-        "metric": evaluation.metric,
-        "metric_name": evaluation.metric_name,
-        "fisher_trace": fisher_trace,
-        "fisher_mode": fisher.mode,
+        **evaluation,
+        "fisher_trace": float(fisher["trace"]),
+        "fisher_mode": str(fisher["mode"]),
         "conventions": {
             "loss": "mean per-example loss over the subset (cross-entropy; squared error for regression), eval mode",
             "pgd_steps": pgd_steps,
@@ -463,11 +491,12 @@ def sharpness_result(
         "checkpoint_sha256": content_hash(model_parameters(model)),
         "data": subset.describe(),
         "wall_time_s": time.perf_counter() - started,
+        "resumed_units": store.resumed_units,
     }
     return Result("sharpness", arrays, meta)
 
 
-def _hessian_arrays(model, subset, top_k, trace_samples, seed, parameter_filter, bar) -> dict[str, np.ndarray]:
+def _hessian_arrays(model, subset, top_k, trace_samples, seed, parameter_filter, bar, store) -> dict[str, np.ndarray]:
     """Top eigenvalues (Lanczos, largest algebraic) and Hutchinson trace of the :mod:`analyses.hessian` operator."""
     if top_k == 0 and trace_samples == 0:
         return {}
@@ -475,18 +504,32 @@ def _hessian_arrays(model, subset, top_k, trace_samples, seed, parameter_filter,
     from analyses.spectral import hutchinson, lanczos
 
     operator = HessianOperator(model, subset, parameter_filter=parameter_filter)
+
+    def keeper(name):
+        return lambda state: store.keep(name, state)
+
+    def eigen_unit():
+        eigen = lanczos(operator, top_k, which="LA", seed=seed, state=store.partial("eigen"), keep=keeper("eigen"))
+        return {
+            "eigenvalues": np.asarray(eigen.eigenvalues, dtype=np.float64),
+            "eigenvalue_residuals": np.asarray(eigen.residuals, dtype=np.float64),
+            "eigenvalue_converged": np.asarray(eigen.converged, dtype=bool),
+        }
+
+    def trace_unit():
+        estimate = hutchinson(operator, trace_samples, seed=seed, state=store.partial("trace"), keep=keeper("trace"))
+        return {
+            "trace": np.asarray(float(estimate.mean), dtype=np.float64),
+            "trace_se": np.asarray(float(estimate.se), dtype=np.float64),
+        }
+
     arrays: dict[str, np.ndarray] = {}
     try:
         if top_k > 0:
-            eigen = lanczos(operator, top_k, which="LA", seed=seed)
-            arrays["eigenvalues"] = np.asarray(eigen.eigenvalues, dtype=np.float64)
-            arrays["eigenvalue_residuals"] = np.asarray(eigen.residuals, dtype=np.float64)
-            arrays["eigenvalue_converged"] = np.asarray(eigen.converged, dtype=bool)
+            arrays.update(store.unit("eigen", eigen_unit))
             bar.update()
         if trace_samples > 0:
-            estimate = hutchinson(operator, trace_samples, seed=seed)
-            arrays["trace"] = np.asarray(float(estimate.mean), dtype=np.float64)
-            arrays["trace_se"] = np.asarray(float(estimate.se), dtype=np.float64)
+            arrays.update(store.unit("trace", trace_unit))
             bar.update()
     finally:
         operator.release()  # the kept first-order graphs hold a gradient's worth of memory per batch
@@ -512,8 +555,12 @@ def compute_sharpness(
     overwrite: bool = False,
     progress: bool = False,
     device: str = "cpu",
+    checkpoint_every: float = 60.0,
 ) -> tuple[Result, bool]:
     """Load the run's ``weights``, compute :func:`sharpness_result` and save it to ``out``; ``(result, skipped)``.
+
+    Resumable: each metric is kept in ``out`` when done (Lanczos / Hutchinson state every ``checkpoint_every``
+    seconds); a rerun after a kill gives bitwise the arrays of an uninterrupted run.
 
     ``data`` defaults to 256 training examples drawn with seed 0; its seed also seeds the random draws.
 
@@ -562,6 +609,7 @@ def compute_sharpness(
         trace_samples=trace_samples,
         seed=seed,
         progress=progress,
+        store=job.progress(every_seconds=checkpoint_every),
     )
     meta = {**result.meta, "run": run.describe(), "weights": weights}
     return job.save(result.arrays, meta), False

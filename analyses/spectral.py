@@ -21,7 +21,7 @@ else on the CPU; the algorithms keep their own vectors (Krylov bases, sketches) 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -171,6 +171,30 @@ class _Lanczos:
         self.betas.append(beta)
         torch.div(w, beta, out=self.storage[m + 1])
 
+    def state(self) -> dict[str, np.ndarray]:
+        """Everything the next steps depend on: the basis and the next vector, T's entries, the generator."""
+        return {
+            "basis": self.storage[: self.steps + 1].cpu().numpy(),
+            "alphas": np.asarray(self.alphas, dtype=np.float64),
+            "betas": np.asarray(self.betas, dtype=np.float64),
+            "matvecs": np.int64(self.matvecs),
+            "exhausted": np.bool_(self.exhausted),
+            "generator": self.generator.get_state().numpy(),
+        }
+
+    def restore(self, state: Mapping[str, np.ndarray]) -> None:
+        """Continue from :meth:`state`'s values (a resumed analysis computes bitwise what it would have)."""
+        rows = torch.from_numpy(np.asarray(state["basis"], dtype=np.float64)).to(self.device)
+        if rows.shape[1] != self.operator.dim or rows.shape[0] > self.storage.shape[0]:
+            raise ConfigError(f"the saved Lanczos state has shape {tuple(rows.shape)}, not one of this operator")
+        self.storage[: rows.shape[0]] = rows
+        self.alphas = [float(x) for x in state["alphas"]]
+        self.betas = [float(x) for x in state["betas"]]
+        self.matvecs = int(state["matvecs"])
+        self.exhausted = bool(state["exhausted"])
+        # cpu: a generator state is a CPU byte tensor
+        self.generator.set_state(torch.from_numpy(np.asarray(state["generator"], dtype=np.uint8).copy()))
+
     def ritz(self) -> tuple[np.ndarray, np.ndarray]:
         """Eigenvalues [m] (ascending) and eigenvectors [m, m] (columns) of the symmetric tridiagonal T."""
         diagonal = np.asarray(self.alphas, dtype=np.float64)
@@ -212,6 +236,8 @@ def lanczos(
     tol: float = 1e-6,
     seed: int = 0,
     return_eigenvectors: bool = True,
+    state: Mapping[str, np.ndarray] | None = None,
+    keep: Callable[[Callable[[], dict[str, np.ndarray]]], None] | None = None,
 ) -> EigenResult:
     """The k eigenpairs of A selected by ``which`` (LA largest algebraic, SA smallest, LM largest magnitude).
 
@@ -220,6 +246,9 @@ def lanczos(
     ``tol·max(1, |θᵢ|)`` the Ritz vectors are formed and their residuals computed explicitly (k products); if one
     fails, iterating resumes. The returned residuals and ``converged`` flags are always the explicit ones.
     Memory: the float64 basis, ``max_iter × dim × 8`` bytes.
+
+    Resuming: ``keep`` is called before every step with a function that returns the iteration's state; handed back
+    as ``state`` (same operator, k, which, max_iter, tol and seed), the iteration continues from it bitwise.
     """
     k = _check_positive("k", k)
     _check_which(which)
@@ -233,7 +262,12 @@ def lanczos(
     generator = torch.Generator().manual_seed(seed)
     krylov = _Lanczos(operator, _start_vector(operator, generator), max_iter, generator)
     extra_matvecs = 0
+    if state is not None:
+        krylov.restore(state)
+        extra_matvecs = int(state["extra_matvecs"])
     while True:
+        if keep is not None and krylov.steps > 0:
+            keep(lambda extra=extra_matvecs: {**krylov.state(), "extra_matvecs": np.int64(extra)})
         krylov.step()
         m = krylov.steps
         if m < k:
@@ -313,12 +347,30 @@ def power_iteration(
     )
 
 
-def hutchinson(operator: Operator, samples: int, *, seed: int = 0) -> TraceEstimate:
-    """Hutchinson's trace estimate from ``samples`` Rademacher vectors; se = std(ddof=1)/√samples (NaN for 1)."""
+def hutchinson(
+    operator: Operator,
+    samples: int,
+    *,
+    seed: int = 0,
+    state: Mapping[str, np.ndarray] | None = None,
+    keep: Callable[[Callable[[], dict[str, np.ndarray]]], None] | None = None,
+) -> TraceEstimate:
+    """Hutchinson's trace estimate from ``samples`` Rademacher vectors; se = std(ddof=1)/√samples (NaN for 1).
+
+    Resuming as :func:`lanczos`: ``keep`` receives the samples done and the generator's state after each sample.
+    """
     samples = _check_positive("samples", samples)
     generator = torch.Generator().manual_seed(seed)
     values = np.empty(samples)
-    for i in range(samples):
+    start = 0
+    if state is not None:
+        start = len(state["values"])
+        values[:start] = state["values"]
+        # cpu: a generator state is a CPU byte tensor
+        generator.set_state(torch.from_numpy(np.asarray(state["generator"], dtype=np.uint8).copy()))
+    for i in range(start, samples):
+        if keep is not None and i > 0:
+            keep(lambda i=i: {"values": values[:i].copy(), "generator": generator.get_state().numpy()})
         z = _rademacher(1, operator.dim, generator, _device(operator))[0]
         values[i] = float(torch.dot(z, _apply(operator, z)))
     se = float(values.std(ddof=1) / math.sqrt(samples)) if samples > 1 else math.nan

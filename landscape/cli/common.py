@@ -61,6 +61,18 @@ def add_output_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def add_checkpoint_argument(parser: argparse.ArgumentParser) -> None:
+    """``--checkpoint-every SECONDS``: how often a long estimate keeps its partial state for a resume."""
+    parser.add_argument(
+        "--checkpoint-every",
+        type=float,
+        default=60.0,
+        metavar="SECONDS",
+        help="keep the partial state (Lanczos basis, Hutchinson samples, Fisher sums) at most this often; finished "
+        "estimates are kept at once; a rerun after a kill resumes (default 60; 0: at every step)",
+    )
+
+
 def data_selection(args: argparse.Namespace) -> DataSelection:
     """The :class:`DataSelection` of ``add_data_arguments``'s flags (and ``--batch-size``)."""
     return DataSelection(

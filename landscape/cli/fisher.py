@@ -4,7 +4,14 @@ from __future__ import annotations
 
 import argparse
 
-from landscape.cli.common import RUN_HELP, add_data_arguments, add_output_arguments, data_selection, positive_int
+from landscape.cli.common import (
+    RUN_HELP,
+    add_checkpoint_argument,
+    add_data_arguments,
+    add_output_arguments,
+    data_selection,
+    positive_int,
+)
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -38,6 +45,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--batch-size", type=positive_int, default=32, help="batch size of the subset (default 32)")
     add_data_arguments(parser, samples=128, split="train")
     add_output_arguments(parser)
+    add_checkpoint_argument(parser)
     parser.set_defaults(run=run)
 
 
@@ -54,6 +62,7 @@ def run(args: argparse.Namespace) -> int:
     result, skipped = compute_fisher(
         args.run_dir,
         args.out,
+        checkpoint_every=args.checkpoint_every,
         sparsity=args.sparsity,
         compare=args.compare,
         compare_weights=args.compare_weights,

@@ -8,7 +8,14 @@ import math
 from analyses.curvature import BACKENDS, TRACE_METHODS, HessianOptions, compute_hessian
 from analyses.hessian import HVP_METHODS
 from analyses.spectral import WHICH
-from landscape.cli.common import RUN_HELP, add_data_arguments, add_output_arguments, data_selection, positive_int
+from landscape.cli.common import (
+    RUN_HELP,
+    add_checkpoint_argument,
+    add_data_arguments,
+    add_output_arguments,
+    data_selection,
+    positive_int,
+)
 from landscape.models.runs import WEIGHTS
 
 
@@ -88,6 +95,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--batch-size", type=positive_int, default=32, help="examples per batch (default 32)")
     add_data_arguments(parser, samples=128)
     add_output_arguments(parser)
+    add_checkpoint_argument(parser)
     parser.set_defaults(run=run)
 
 
@@ -112,6 +120,7 @@ def run(args: argparse.Namespace) -> int:
     result, skipped = compute_hessian(
         args.run_dir, args.out, options, data=data_selection(args), weights=args.weights,
         overwrite=args.overwrite, progress=args.progress, device=args.device,
+        checkpoint_every=args.checkpoint_every,
     )  # fmt: skip
     if skipped:
         print(f"{args.out}: complete with these parameters, nothing to do")

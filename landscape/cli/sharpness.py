@@ -5,7 +5,14 @@ from __future__ import annotations
 import argparse
 import math
 
-from landscape.cli.common import RUN_HELP, add_data_arguments, add_output_arguments, data_selection, positive_int
+from landscape.cli.common import (
+    RUN_HELP,
+    add_checkpoint_argument,
+    add_data_arguments,
+    add_output_arguments,
+    data_selection,
+    positive_int,
+)
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -56,6 +63,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--batch-size", type=positive_int, default=32, help="evaluation batch size (default 32)")
     add_data_arguments(parser, samples=256, split="train")
     add_output_arguments(parser)
+    add_checkpoint_argument(parser)
     parser.set_defaults(run=run)
 
 
@@ -88,6 +96,7 @@ def run(args: argparse.Namespace) -> int:
     result, skipped = compute_sharpness(
         args.run_dir,
         args.out,
+        checkpoint_every=args.checkpoint_every,
         rho=args.rho,
         sigma=args.sigma,
         pgd_steps=args.pgd_steps,

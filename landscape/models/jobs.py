@@ -94,3 +94,114 @@ class AnalysisJob:
         """Write ``arrays`` and ``meta`` (plus identity, completion, wall time) to ``out``; return the result."""
         full = {**meta, "identity": self.identity, "complete": complete, "wall_time_s": self.wall_time()}
         return save_result(Result(self.kind, dict(arrays), full), self.out)
+
+    def progress(self, *, every_seconds: float = 60.0) -> Progress:
+        """The finished units (and the partial state) of an incomplete result of this identity, for resuming."""
+        return Progress(self, every_seconds=every_seconds)
+
+
+def evaluation_arrays(evaluation: Any) -> dict[str, np.ndarray]:
+    """An :func:`~landscape.models.runs.evaluate_subset` result as a progress unit's arrays."""
+    return {
+        "loss": np.float64(evaluation.loss),
+        "metric": np.float64(evaluation.metric),
+        "metric_name": np.asarray(evaluation.metric_name),
+    }
+
+
+def evaluation_meta(arrays: Mapping[str, np.ndarray]) -> dict[str, Any]:
+    """The ``loss``, ``metric`` and ``metric_name`` entries of a result's meta from :func:`evaluation_arrays`."""
+    return {"loss": float(arrays["loss"]), "metric": float(arrays["metric"]), "metric_name": str(arrays["metric_name"])}
+
+
+class NoProgress:
+    """The :class:`Progress` interface for a computation that keeps nothing (a direct API call): every unit runs."""
+
+    resumed_units = 0
+
+    def unit(self, name: str, compute: Any) -> dict[str, np.ndarray]:
+        return {key: np.asarray(value) for key, value in compute().items()}
+
+    def partial(self, name: str) -> None:
+        return None
+
+    def keep(self, name: str, state: Any) -> None:
+        return None
+
+
+UNIT_PREFIX = "unit--"
+PARTIAL_PREFIX = "partial--"
+SEPARATOR = "--"  # result array names allow letters, digits, _ . - only; no parameter name holds "--"
+
+
+class Progress:
+    """What an analysis that writes once at the end has finished so far, kept in its result directory as an
+    incomplete result, so that a rerun after a kill skips it and gives bitwise the uninterrupted arrays.
+
+    A *unit* is a named group of arrays computed by a deterministic function of the inputs (one ρ's sharpness, the
+    eigenpairs, the trace): :meth:`unit` returns the stored arrays of a finished unit or computes and stores them.
+    A unit may keep a *partial state* while it runs (the Lanczos basis, a Fisher's running sums, Hutchinson's
+    samples and generator state): :meth:`keep` stores it at most every ``every_seconds`` (0: at every call), and
+    :meth:`partial` hands it back to the rerun, which continues from it. The arrays on disk are the truth (a kill
+    between the two renames of a save leaves arrays newer than the meta; they are used).
+    """
+
+    def __init__(self, job: AnalysisJob, *, every_seconds: float) -> None:
+        if not every_seconds >= 0:
+            raise ConfigError(f"--checkpoint-every must be >= 0 seconds, got {every_seconds}")
+        self.job = job
+        self.every_seconds = every_seconds
+        stored = {} if job.existing is None or job.complete is not None else job.existing.arrays
+        self.units: dict[str, dict[str, np.ndarray]] = {}
+        self._partial: tuple[str, dict[str, np.ndarray]] | None = None
+        partial: dict[str, dict[str, np.ndarray]] = {}
+        for key, value in stored.items():
+            for prefix, into in ((UNIT_PREFIX, self.units), (PARTIAL_PREFIX, partial)):
+                if key.startswith(prefix):
+                    unit, _, name = key[len(prefix) :].partition(SEPARATOR)
+                    into.setdefault(unit, {})[name] = value
+        if partial:
+            name, arrays = next(iter(partial.items()))
+            self._partial = (name, arrays)
+        self.resumed_units = len(self.units) + (self._partial is not None)
+        self._last_save = time.perf_counter()
+
+    def unit(self, name: str, compute: Any) -> dict[str, np.ndarray]:
+        """The arrays of unit ``name``: stored ones, or ``compute()``'s (a dict of arrays), stored now."""
+        if name in self.units:
+            return self.units[name]
+        arrays = {key: np.asarray(value) for key, value in compute().items()}
+        self.units[name] = arrays
+        if self._partial is not None and self._partial[0] == name:
+            self._partial = None
+        self._save()
+        return arrays
+
+    def partial(self, name: str) -> dict[str, np.ndarray] | None:
+        """The partial state unit ``name`` kept before the kill (None: start it afresh)."""
+        return self._partial[1] if self._partial is not None and self._partial[0] == name else None
+
+    def keep(self, name: str, state: Any) -> None:
+        """Store the partial state of unit ``name`` if ``every_seconds`` passed since the last save.
+
+        ``state`` is a callable returning the dict of arrays, so that nothing is built when nothing is saved.
+        """
+        if time.perf_counter() - self._last_save < self.every_seconds:
+            return
+        self._partial = (name, {key: np.asarray(value) for key, value in state().items()})
+        self._save()
+
+    def _save(self) -> None:
+        arrays = {
+            f"{UNIT_PREFIX}{unit}{SEPARATOR}{key}": value
+            for unit, group in self.units.items()
+            for key, value in group.items()
+        }
+        if self._partial is not None:
+            unit, group = self._partial
+            arrays.update({f"{PARTIAL_PREFIX}{unit}{SEPARATOR}{key}": value for key, value in group.items()})
+        meta = {
+            "progress": {"units": sorted(self.units), "partial": None if self._partial is None else self._partial[0]}
+        }
+        self.job.save(arrays, meta, complete=False)
+        self._last_save = time.perf_counter()
