@@ -119,8 +119,10 @@ def _result_complete(directory: Path) -> bool:
         return False
 
 
-def plan(out: Path, *, task: str, model: str, data_dir: str | None, budget: Budget, seed: int) -> list[Stage]:
-    """Every stage of the demo, in order."""
+def plan(
+    out: Path, *, task: str, model: str, data_dir: str | None, budget: Budget, seed: int, device: str = "auto"
+) -> list[Stage]:
+    """Every stage of the demo, in order; training and every analysis compute on ``device``."""
     data = ["--data-dir", data_dir] if data_dir else []
     stages: list[Stage] = []
     runs = []
@@ -154,10 +156,11 @@ def plan(out: Path, *, task: str, model: str, data_dir: str | None, budget: Budg
             "--mask-interval",
             str(budget.mask_interval),
         ]
+        argv += ["--device", device]
         if has_run(run):
             argv.append("--resume")
         stages.append(Stage(f"train {name}", tuple(argv), lambda run=run: is_complete(run)))
-    common = ["--seed", str(seed)]
+    common = ["--seed", str(seed), "--device", device]
     surface_data = ["--samples", str(budget.samples)]
     curvature_data = ["--samples", str(budget.curvature_samples)]
     for run in runs:
@@ -219,6 +222,7 @@ def run_demo(
     data_dir: str | None = None,
     quick: bool = False,
     seed: int = 42,
+    device: str = "auto",
     log: Callable[[str], None] | None = None,
     dispatch: Callable[[list[str]], int],
 ) -> Path:
@@ -229,7 +233,8 @@ def run_demo(
 
     log = log or (lambda line: print(line, file=sys.stderr, flush=True))
     out = Path(out)
-    stages = plan(out, task=task, model=model, data_dir=data_dir, budget=QUICK if quick else FULL, seed=seed)
+    budget = QUICK if quick else FULL
+    stages = plan(out, task=task, model=model, data_dir=data_dir, budget=budget, seed=seed, device=device)
     started = time.perf_counter()
     for number, stage in enumerate(stages, start=1):
         prefix = f"[{number}/{len(stages)}] {stage.label}"

@@ -2,7 +2,10 @@
 
 Weight decay applies to matrices (weights of linear layers and embeddings) and never to biases or LayerNorm
 parameters. AdamW's decay is decoupled (Loshchilov & Hutter); Adam, AMSGrad, Adagrad and SGD use torch's
-coupled L2 ``weight_decay`` with the same groups.
+coupled L2 ``weight_decay`` with the same groups. Adafactor (Shazeer & Stern 2018; the optimizer of Bahri et al.'s
+T5 runs) is ``torch.optim.Adafactor``: factored second moments for matrices, no first moment, updates clipped to
+RMS ≤ 1 and scaled by max(1e-3, RMS(θ)); its ``lr`` caps the relative step ρ_t = min(lr, 1/√t) (T5 used 1e-3,
+not a BERT AdamW rate), and its decay is decoupled (θ ← θ − lr·λ·θ).
 """
 
 from __future__ import annotations
@@ -12,7 +15,7 @@ from collections.abc import Iterable
 import torch
 from torch import nn
 
-BASE_OPTIMIZERS = ("adamw", "adam", "amsgrad", "adagrad", "sgd")
+BASE_OPTIMIZERS = ("adamw", "adam", "amsgrad", "adagrad", "sgd", "adafactor")
 
 
 def is_no_decay(name: str, param: torch.Tensor) -> bool:
@@ -60,6 +63,8 @@ def make_base_optimizer(
         return torch.optim.Adam(groups, lr=lr, betas=betas, eps=eps, amsgrad=True)
     if name == "adagrad":
         return torch.optim.Adagrad(groups, lr=lr, eps=1e-10)
+    if name == "adafactor":
+        return torch.optim.Adafactor(groups, lr=lr)
     if not 0 <= momentum < 1:
         raise ValueError(f"SGD momentum must be in [0, 1), got {momentum}")
     return torch.optim.SGD(groups, lr=lr, momentum=momentum)

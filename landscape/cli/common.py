@@ -8,6 +8,7 @@ import sys
 
 from landscape.core.errors import ConfigError
 from landscape.geometry.grids import EXECUTORS
+from landscape.models.devices import PRECISIONS
 from landscape.models.jobs import DataSelection
 from landscape.models.runs import SPLITS
 
@@ -96,10 +97,28 @@ def check_range(values: list[float], flag: str) -> tuple[float, float]:
 
 
 def add_executor_arguments(parser: argparse.ArgumentParser) -> None:
-    """``--executor --ray-address --workers``."""
+    """``--executor --ray-address --workers --gpus-per-worker``."""
     parser.add_argument("--executor", choices=EXECUTORS, default="serial", help="where cells are computed")
     parser.add_argument("--ray-address", help="join this Ray cluster (default: start a local one)")
     parser.add_argument("--workers", type=positive_int, help="Ray workers (default: one per CPU)")
+    parser.add_argument(
+        "--gpus-per-worker",
+        type=float,
+        default=0.0,
+        help="GPUs each Ray worker reserves (a fraction shares one GPU); each worker computes on its own "
+        "(default 0: CPU workers)",
+    )
+
+
+def add_precision_argument(parser: argparse.ArgumentParser) -> None:
+    """``--precision``: the forward passes of an evaluation in fp32 (default) or under bf16 / fp16 autocast."""
+    parser.add_argument(
+        "--precision",
+        choices=PRECISIONS,
+        default="fp32",
+        help="fp32 (default), or the forward passes under bf16 / fp16 autocast (faster on GPUs; recorded in the "
+        "result and part of its identity)",
+    )
 
 
 def print_grid_summary(result, out) -> None:

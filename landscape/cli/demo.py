@@ -18,6 +18,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--model", default="minilm", help="model (default minilm, offline)")
     parser.add_argument("--data-dir", help="data directory (default $LANDSCAPE_DATA_DIR, else the hub)")
     parser.add_argument("--seed", type=int, default=42, help="seed of training and analyses (default 42)")
+    parser.add_argument(
+        "--device", default="auto", help="where training and the analyses compute: auto (default), cpu, cuda, ..."
+    )
     parser.add_argument("--quick", action="store_true", help="a smoke version with tiny budgets (minutes)")
     parser.set_defaults(run=run)
 
@@ -35,6 +38,7 @@ def run(args: argparse.Namespace) -> int:
         data_dir=args.data_dir,
         quick=args.quick,
         seed=args.seed,
+        device=args.device,
         dispatch=args.dispatch,
     )
     for row in summary(args.out):

@@ -6,12 +6,12 @@ import argparse
 import json
 from pathlib import Path
 
-from landscape.cli.common import positive_int
+from landscape.cli.common import add_precision_argument, positive_int
 from landscape.core.errors import CheckpointError, ConfigError
 from landscape.core.rundir import find_run_dir, read_run_info
 from landscape.data.encoding import default_cache_dir, encode_split
 from landscape.data.tasks import get_task, load_split, resolve_data_dir
-from landscape.models.devices import resolve_device
+from landscape.models.devices import autocast_context, resolve_device
 from landscape.models.evaluation import evaluate
 from landscape.models.loading import load_model
 from landscape.models.weights import PICKLE_SUFFIXES, load_weights_into, read_safetensors
@@ -32,6 +32,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--split", choices=("dev", "train"), default="dev")
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--device", default="auto", help="auto (CUDA, else MPS, else CPU), cpu, cuda, cuda:N or mps")
+    add_precision_argument(parser)
     parser.add_argument("--max-length", type=positive_int, help="maximum tokens per example (default: the run's)")
     parser.add_argument("--json", action="store_true", help="print the metrics as JSON")
     parser.set_defaults(run=run)
@@ -82,9 +83,11 @@ def run(args: argparse.Namespace) -> int:
         cache_tag=f"{task.name}/{args.split}",
     )
     pad_id = loaded.tokenizer.pad_token_id or 0
-    metrics = evaluate(loaded.model, encoded, task, batch_size=args.batch_size, pad_token_id=pad_id)
+    with autocast_context(device, args.precision):
+        metrics = evaluate(loaded.model, encoded, task, batch_size=args.batch_size, pad_token_id=pad_id)
     if args.json:
-        print(json.dumps({"weights": str(weights_file), "task": task.name, "split": args.split, **metrics}))
+        print(json.dumps({"weights": str(weights_file), "task": task.name, "split": args.split,
+                          "precision": args.precision, **metrics}))  # fmt: skip
     else:
         shown = ", ".join(f"{k} {v:.4f}" for k, v in metrics.items())
         print(f"{weights_file} on {task.name} {args.split} ({len(encoded)} examples): {shown}")

@@ -9,6 +9,7 @@ from landscape.cli.common import (
     add_data_arguments,
     add_executor_arguments,
     add_output_arguments,
+    add_precision_argument,
     check_range,
     data_selection,
     positive_int,
@@ -63,6 +64,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         help=f"refuse grids of more cells than this (default {MAX_CELLS:,})",
     )
     add_output_arguments(parser)
+    add_precision_argument(parser)
     parser.set_defaults(run=run)
 
 
@@ -90,6 +92,8 @@ def run(args: argparse.Namespace) -> int:
         workers=args.workers,
         overwrite=args.overwrite,
         device=args.device,
+        precision=args.precision,
+        gpus_per_worker=args.gpus_per_worker,
         max_cells=args.max_cells,
         progress=args.progress,
     )

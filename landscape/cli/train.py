@@ -11,7 +11,7 @@ from landscape.core.config import build_config, load_yaml, parse_overrides
 from landscape.core.errors import ConfigError
 from landscape.data.tasks import get_task
 from landscape.models.devices import PRECISIONS
-from landscape.training.config import TrainConfig, refuse_renamed
+from landscape.training.config import INITIAL_MASKS, TrainConfig, refuse_renamed
 from landscape.training.distributed import launched_rank
 from landscape.training.loop import train
 from landscape.training.recipes import RECIPES, recipe_options
@@ -54,6 +54,8 @@ HELP = {
     "mask_interval": "FSAM F_i: refresh the Fisher mask every N steps",
     "fisher_samples": "FSAM N_Fisher: training examples per Fisher estimate",
     "fisher_mode": "per-example (FSAM Eq. 9) or batch-mean (square of the mean gradient, as the authors' code)",
+    "fisher_initial_mask": "FSAM's mask until the first refresh at step F_i: fisher (the Fisher at step 0, default) or "
+    "random (Algorithm 1, line 1: a random 1 - s of the coordinates)",
     "fisher_mask": "apply the Fisher mask to another variant (F-ESAM, F-GSAM, ...)",
     "delta_beta": "delta-SAM beta (Eq. 5)",
     "gsam_alpha": "GSAM alpha",
@@ -83,6 +85,7 @@ CHOICES = {
     "optimizer": BASE_OPTIMIZERS,
     "sam": SAM_VARIANTS,
     "fisher_mode": FISHER_MODES,
+    "fisher_initial_mask": INITIAL_MASKS,
     "recipe": RECIPES,
     "precision": PRECISIONS,
     "delta_weights": ("clipped", "literal"),

@@ -22,6 +22,7 @@ from torch import nn
 from landscape.core.errors import ConfigError
 from landscape.core.params import check_same_keys_and_shapes, model_parameters
 from landscape.geometry.directions import load_directions
+from landscape.models.devices import autocast_context, autocast_dtype
 from landscape.models.jobs import DataSelection
 from landscape.models.runs import EvalSubset, evaluate_subset, load_run_model, read_run_weights
 from landscape.models.state import restored
@@ -50,9 +51,12 @@ class CellEvaluator:
         subset: EvalSubset,
         directions: Sequence[Mapping[str, torch.Tensor]],
         theta: Mapping[str, torch.Tensor] | None = None,
+        precision: str = "fp32",
     ) -> None:
         self.model = model
         self.subset = subset
+        self.precision = precision
+        autocast_dtype(precision)  # an unknown precision is refused before any cell
         self._parameters = model_parameters(model)
         current = {name: p.detach() for name, p in self._parameters.items()}
         theta = current if theta is None else theta
@@ -97,7 +101,9 @@ class CellEvaluator:
     def __call__(self, coefficients: Sequence[float]) -> tuple[float, float]:
         """``(loss, metric)`` at the cell (mean per-example loss, the task's primary metric)."""
         self.set_point(coefficients)
-        result = evaluate_subset(self.model, self.subset)
+        device = next(iter(self._parameters.values())).device
+        with autocast_context(device, self.precision):  # fp32 by default: bf16 losses are a choice, recorded
+            result = evaluate_subset(self.model, self.subset)
         # Where the loss is NaN or infinite the logits are too: a metric of their argmax (MCC 0.0, say) is no value.
         return result.loss, result.metric if math.isfinite(result.loss) else math.nan
 
@@ -114,6 +120,7 @@ class GridJob:
     directions_file: str
     data: DataSelection
     device: str = "cpu"
+    precision: str = "fp32"
 
     @contextmanager
     def evaluator(self) -> Iterator[CellEvaluator]:
@@ -123,7 +130,7 @@ class GridJob:
         theta = read_run_weights(run, loaded.model, self.weights)
         directions, _ = load_directions(self.directions_file)
         subset = self.data.subset(run, loaded.tokenizer)
-        with CellEvaluator(loaded.model, subset, directions, theta) as evaluator:
+        with CellEvaluator(loaded.model, subset, directions, theta, precision=self.precision) as evaluator:
             yield evaluator
 
 
@@ -153,7 +160,14 @@ class RayExecutor:
 
     name = "ray"
 
-    def __init__(self, *, address: str | None = None, workers: int | None = None, threads_per_worker: int = 1):
+    def __init__(
+        self,
+        *,
+        address: str | None = None,
+        workers: int | None = None,
+        threads_per_worker: int = 1,
+        gpus_per_worker: float = 0.0,
+    ):
         try:
             import ray  # noqa: F401
         except ImportError:
@@ -162,9 +176,17 @@ class RayExecutor:
             ) from None
         if workers is not None and workers <= 0:
             raise ConfigError(f"the number of Ray workers must be > 0, got {workers}")
+        if not (math.isfinite(gpus_per_worker) and gpus_per_worker >= 0):
+            raise ConfigError(f"--gpus-per-worker must be a number >= 0, got {gpus_per_worker}")
+        if gpus_per_worker > 0 and address is None and torch.cuda.device_count() < gpus_per_worker:
+            raise ConfigError(
+                f"--gpus-per-worker {gpus_per_worker:g}: this machine has {torch.cuda.device_count()} GPU(s) for "
+                "the local Ray cluster; use 0 for CPU workers, or --ray-address of a cluster with GPUs"
+            )
         self.address = address
         self.workers = workers
         self.threads_per_worker = threads_per_worker
+        self.gpus_per_worker = gpus_per_worker
 
     def run(self, job: GridJob, chunks: Sequence[Sequence[tuple[int, Cell]]], on_chunk: Callable) -> None:
         import ray
@@ -187,8 +209,16 @@ class RayExecutor:
                 raise ConfigError(f"cannot start or join Ray (address {self.address!r}): {exc}") from exc
         try:
             count = self.workers or max(1, int(ray.available_resources().get("CPU", 1)))
+            if self.gpus_per_worker > 0:  # refused here: Ray would otherwise wait forever for GPUs nobody has
+                gpus = float(ray.cluster_resources().get("GPU", 0))
+                if gpus < self.gpus_per_worker:
+                    raise ConfigError(
+                        f"--gpus-per-worker {self.gpus_per_worker:g}: the Ray cluster has {gpus:g} GPU(s); "
+                        "use 0 for CPU workers"
+                    )
+                count = self.workers or max(1, int(gpus // self.gpus_per_worker))
             count = max(1, min(count, len(chunks)))
-            actor_class = ray.remote(num_cpus=1)(_RayCellWorker)
+            actor_class = ray.remote(num_cpus=1, num_gpus=self.gpus_per_worker)(_RayCellWorker)
             actors = [actor_class.remote(job, self.threads_per_worker) for _ in range(count)]
             pending: dict[Any, Any] = {}
             queue = list(chunks)
@@ -218,14 +248,25 @@ class _RayCellWorker:
         return run_chunk(self._evaluator, chunk)
 
 
-def make_executor(name: str, *, address: str | None = None, workers: int | None = None, threads: int = 1):
+def make_executor(
+    name: str,
+    *,
+    address: str | None = None,
+    workers: int | None = None,
+    threads: int = 1,
+    gpus_per_worker: float = 0.0,
+):
     """``"serial"`` or ``"ray"``; see :class:`SerialExecutor` and :class:`RayExecutor`."""
     if name == "serial":
         if address is not None:
             raise ConfigError("--ray-address is only for --executor ray")
+        if gpus_per_worker:
+            raise ConfigError("--gpus-per-worker is only for --executor ray (the serial executor uses --device)")
         return SerialExecutor()
     if name == "ray":
-        return RayExecutor(address=address, workers=workers, threads_per_worker=threads)
+        return RayExecutor(
+            address=address, workers=workers, threads_per_worker=threads, gpus_per_worker=gpus_per_worker
+        )
     raise ConfigError(f"executor must be one of {', '.join(EXECUTORS)}, got {name!r}")
 
 

@@ -33,8 +33,8 @@ from landscape.geometry.directions import (
     random_direction,
     save_directions,
 )
-from landscape.geometry.grids import EXECUTORS, Cell, GridJob, chunked, make_executor
-from landscape.models.devices import resolve_device
+from landscape.geometry.grids import Cell, GridJob, chunked, make_executor
+from landscape.models.devices import autocast_dtype, resolve_device
 from landscape.models.jobs import AnalysisJob, DataSelection
 from landscape.models.runs import Run, load_run_model, open_run, read_run_weights
 from landscape.models.weights import read_safetensors
@@ -77,8 +77,6 @@ def _run_grid(
     grid_job: GridJob,
     meta: Mapping[str, Any],
     executor: Any,
-    ray_address: str | None,
-    workers: int | None,
     progress: bool,
     chunk_size: int | None,
 ) -> Result:
@@ -103,15 +101,14 @@ def _run_grid(
 
     flat_done = done.reshape(-1)
     pending = [(number, coefficients[number]) for number in np.flatnonzero(~flat_done).tolist()]
+    runner = executor
     if existing is None:
         save(complete=False)  # from now on, a rerun with other parameters is refused
     if pending:
-        runner = (
-            make_executor(executor, address=ray_address, workers=workers) if isinstance(executor, str) else executor
-        )
         if chunk_size is None:
             # Serial: save after every cell (a save is a few ms). Ray: a few chunks per worker keeps all busy.
-            chunk_size = 1 if runner.name == "serial" else max(1, len(pending) // (4 * (workers or 2)))
+            workers = getattr(runner, "workers", None) or 2
+            chunk_size = 1 if runner.name == "serial" else max(1, len(pending) // (4 * workers))
         bar = _progress_bar(flat_done.size, int(flat_done.sum()), progress, job.kind)
         flat_loss, flat_metric = loss.reshape(-1), metric.reshape(-1)
 
@@ -135,6 +132,18 @@ def check_cells(cells: int, max_cells: int, what: str) -> None:
             f"{what} is {cells:,} cells, more than --max-cells {max_cells:,} (each cell evaluates the whole "
             "example subset); pass a larger --max-cells to compute it anyway"
         )
+
+
+def _executor(executor: Any, address: str | None, workers: int | None, gpus_per_worker: float) -> Any:
+    """The executor object, built before anything is written: an option that cannot work leaves nothing behind."""
+    if not isinstance(executor, str):
+        return executor
+    return make_executor(executor, address=address, workers=workers, gpus_per_worker=gpus_per_worker)
+
+
+def _precision_identity(precision: str) -> dict[str, str]:
+    """fp32 (the default) adds nothing, so results computed before ``--precision`` existed keep their identity."""
+    return {} if precision == "fp32" else {"precision": precision}
 
 
 def _data_identity(run: Run, data: DataSelection) -> dict[str, Any]:
@@ -172,6 +181,8 @@ def compute_surface(
     chunk_size: int | None = None,
     max_cells: int = MAX_CELLS,
     device: str = "cpu",
+    precision: str = "fp32",
+    gpus_per_worker: float = 0.0,
 ) -> Result:
     """Loss and metric of the run's ``weights`` on a 1-D (``dims=1``) or 2-D grid along random directions.
 
@@ -183,12 +194,12 @@ def compute_surface(
     ``done``; see docs/results.md).
     """
     resolve_device(device)  # a device this machine lacks is refused before anything is computed or written
+    autocast_dtype(precision)
+    executor = _executor(executor, ray_address, workers, gpus_per_worker)
     if dims not in (1, 2):
         raise ConfigError(f"dims must be 1 or 2, got {dims!r}")
     if norm not in NORMS:
         raise ConfigError(f"norm must be one of {', '.join(NORMS)}, got {norm!r}")
-    if executor not in EXECUTORS:
-        raise ConfigError(f"executor must be one of {', '.join(EXECUTORS)}, got {executor!r}")
     n_a, n_b = (grid, grid) if isinstance(grid, int) else (int(grid[0]), int(grid[1]))
     check_cells(n_a * (n_b if dims == 2 else 1), max_cells, f"a {n_a} x {n_b} grid" if dims == 2 else f"{n_a} points")
     a = _linspace(range_a, n_a, "the range of a")
@@ -213,6 +224,7 @@ def compute_surface(
         "weights": weights,
         "checkpoint_sha256": checkpoint_sha,
         **_data_identity(run, data),
+        **_precision_identity(precision),
     }
     job = AnalysisJob("surface", out, identity, overwrite=overwrite)
     directions_path = out / DIRECTIONS_FILE
@@ -249,14 +261,16 @@ def compute_surface(
     else:
         shape, coefficients, axes = (n_a,), [(float(x),) for x in a], {"a": a}
     grid_job = GridJob(
-        run_path=str(run.path), weights=weights, directions_file=str(directions_path), data=data, device=device
-    )
+        run_path=str(run.path), weights=weights, directions_file=str(directions_path), data=data, device=device,
+        precision=precision,
+    )  # fmt: skip
     meta = {
         "dims": dims,
         "run": run.describe(),
         "data": subset.describe(),
         "checkpoint_sha256": checkpoint_sha,
         "metric_name": run.task.primary_metric,
+        "precision": precision,
         "weights": weights,
         "directions": {
             "file": DIRECTIONS_FILE,
@@ -274,8 +288,6 @@ def compute_surface(
         grid_job=grid_job,
         meta=meta,
         executor=executor,
-        ray_address=ray_address,
-        workers=workers,
         progress=progress,
         chunk_size=chunk_size,
     )
@@ -302,6 +314,8 @@ def compute_interpolation(
     chunk_size: int | None = None,
     max_cells: int = MAX_CELLS,
     device: str = "cpu",
+    precision: str = "fp32",
+    gpus_per_worker: float = 0.0,
 ) -> Result:
     """``L(θ1 + α(θ1 − θ0))`` for ``points`` values of α in ``alpha_range`` (FSAM Fig. 5).
 
@@ -312,6 +326,8 @@ def compute_interpolation(
     (not a run directory) θ0 is ``init``'s encoder with a fresh head seeded by 0 (``landscape.models.runs.Run``).
     """
     resolve_device(device)
+    autocast_dtype(precision)
+    executor = _executor(executor, ray_address, workers, gpus_per_worker)
     if to is not None and random:
         raise ConfigError("choose either another run (--to) or a random direction (--random), not both")
     check_cells(points, max_cells, f"{points} points")
@@ -343,6 +359,7 @@ def compute_interpolation(
         "theta0_sha256": None if theta0 is None else content_hash(theta0),
         **({"norm": norm, "ignore_1d": ignore_1d, "direction_seed": seed} if random else {}),
         **_data_identity(run, data),
+        **_precision_identity(precision),
     }
     job = AnalysisJob("interpolation", out, identity, overwrite=overwrite)
     if job.complete is not None:
@@ -360,13 +377,15 @@ def compute_interpolation(
         save_directions(directions_path, [direction], {"kind": endpoint, "theta1_sha256": theta1_sha})
     del loaded, theta0
     grid_job = GridJob(
-        run_path=str(run.path), weights="final", directions_file=str(directions_path), data=data, device=device
-    )
+        run_path=str(run.path), weights="final", directions_file=str(directions_path), data=data, device=device,
+        precision=precision,
+    )  # fmt: skip
     meta = {
         "run": run.describe(),
         "data": subset.describe(),
         "checkpoint_sha256": theta1_sha,
         "metric_name": run.task.primary_metric,
+        "precision": precision,
         "endpoint": endpoint,
         "theta1": {"run": str(run.path), "weights": "final", "label": run.label},
         "theta0": theta0_desc,
@@ -379,8 +398,6 @@ def compute_interpolation(
         grid_job=grid_job,
         meta=meta,
         executor=executor,
-        ray_address=ray_address,
-        workers=workers,
         progress=progress,
         chunk_size=chunk_size,
     )

@@ -10,6 +10,9 @@ testing the GPU path, not for speed).
 
 from __future__ import annotations
 
+from contextlib import nullcontext
+from typing import Any
+
 import torch
 
 from landscape.core.errors import ConfigError
@@ -53,3 +56,12 @@ def autocast_dtype(precision: str) -> torch.dtype | None:
     if precision == "fp16":
         return torch.float16
     raise ConfigError(f"--precision {precision!r} is unknown; expected one of {', '.join(PRECISIONS)}")
+
+
+def autocast_context(device: torch.device, precision: str) -> Any:
+    """The forward passes' context for ``precision`` on ``device``: ``torch.autocast`` for bf16 / fp16, else none.
+
+    Evaluation only (eval, surfaces, interpolations): the loss is computed in float32 from the autocast logits.
+    """
+    dtype = autocast_dtype(precision)
+    return nullcontext() if dtype is None else torch.autocast(device.type, dtype=dtype)

@@ -20,6 +20,9 @@ from optimizers import pieces
 from optimizers.base import BASE_OPTIMIZERS
 from optimizers.variants import CORE_SETTINGS, SAM_VARIANTS, get_variant
 
+#: FSAM's mask before the first refresh: the Fisher of step 0 (the default), or Algorithm 1's random one (line 1)
+INITIAL_MASKS = ("fisher", "random")
+
 # A learning rate above this is a typo (1e39 overflows float32 weights at the first step); divergence at smaller
 # ones is caught by the loop, which stops and marks the run "diverged".
 MAX_LEARNING_RATE = 1e3
@@ -76,6 +79,7 @@ class TrainConfig:
     mask_interval: int = 100  # FSAM F_i: refresh the mask every this many steps
     fisher_samples: int = 128  # FSAM N_Fisher
     fisher_mode: str = "per-example"  # "per-example" (paper Eq. 9) or "batch-mean" (authors' code)
+    fisher_initial_mask: str = "fisher"  # the mask of steps 1..F_i: the Fisher at step 0, or "random" (Alg. 1 line 1)
     fisher_mask: bool = False  # apply the Fisher mask to another variant (F-ESAM, F-GSAM, ...); implied by fsam
     delta_beta: float = 5.0  # delta-SAM beta (Eq. 5); before 2026-12 named "beta"
     gsam_alpha: float = 0.1
@@ -165,6 +169,11 @@ class TrainConfig:
                 raise ConfigError(f"{name} must be > 0, got {getattr(self, name)}")
         resolve_device(self.device)  # refuses an unknown device or one this machine lacks, before anything is written
         autocast_dtype(self.precision)
+        if self.fisher_initial_mask not in INITIAL_MASKS:
+            raise ConfigError(
+                f"fisher_initial_mask {self.fisher_initial_mask!r} is unknown; "
+                f"expected one of {', '.join(INITIAL_MASKS)}"
+            )
         if not isinstance(self.fisher_mode, str) or not self.fisher_mode:
             raise ConfigError(f"fisher_mode must be a non-empty name, got {self.fisher_mode!r}")
         for name in ("momentum", "adam_beta1", "adam_beta2"):

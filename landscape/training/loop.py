@@ -326,7 +326,10 @@ def _train(
     for step in range(start_step, total_steps):
         tick = time.perf_counter()
         if config.uses_fisher_mask and step % config.mask_interval == 0:
-            record = refresh_fisher_mask(model, optimizer, data, config, step, fisher, replicas)
+            if step == 0 and config.fisher_initial_mask == "random":
+                record = install_random_mask(model, optimizer, config)
+            else:
+                record = refresh_fisher_mask(model, optimizer, data, config, step, fisher, replicas)
             if writer:
                 log.append(record)
         indices = share_of(batch_indices(len(data.train), config.batch_size, config.seed, step), replicas)
@@ -484,6 +487,23 @@ def gather_rng_states(replicas: Replicas) -> list[dict[str, torch.Tensor]] | Non
         states["cuda"] = torch.cuda.get_rng_state()
     gathered = {key: replicas.gather_tensors(value) for key, value in states.items()}
     return [{key: gathered[key][rank] for key in states} for rank in range(replicas.world_size)]
+
+
+def install_random_mask(model: torch.nn.Module, optimizer: SharpnessAware, config: TrainConfig) -> dict[str, Any]:
+    """FSAM Algorithm 1, line 1: a random mask of exactly round((1 − s)·|w|) of the trainable coordinates,
+    used until the first Fisher refresh at step F_i. Drawn from a generator seeded by (seed, "initial mask"), the
+    same on every process and after a resume (the mask itself is in the optimizer's checkpointed state)."""
+    named = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
+    total = sum(p.numel() for _, p in named)
+    keep_count = round((1.0 - config.sparsity) * total)
+    seed = int(np.random.SeedSequence([config.seed, 1]).generate_state(1)[0])
+    chosen = torch.randperm(total, generator=torch.Generator().manual_seed(seed))[:keep_count]  # cpu: seeded draw
+    flat = torch.zeros(total, dtype=torch.bool)  # cpu: set_mask moves each part to its parameter's device
+    flat[chosen] = True
+    parts = torch.split(flat, [p.numel() for _, p in named])
+    mask = {name: part.reshape(p.shape) for (name, p), part in zip(named, parts, strict=True)}
+    optimizer.set_mask(mask, model.named_parameters())
+    return {"kind": "mask", "step": 1, "initial": "random", "kept_fraction": keep_count / total, "coordinates": total}
 
 
 def refresh_fisher_mask(

@@ -131,7 +131,7 @@ def test_non_square_grid_matches_the_formula_at_the_labelled_coordinates(tmp_pat
     with CellEvaluator(model, subset, [d1, d2]) as evaluator:
         result = _run_grid(job=AnalysisJob("surface", tmp_path / "g", {"test": 1}), axes={"a": a, "b": b},
                            shape=(5, 7), coefficients=coefficients, grid_job=None, meta={},
-                           executor=InProcessExecutor(evaluator), ray_address=None, workers=None, progress=False,
+                           executor=InProcessExecutor(evaluator), progress=False,
                            chunk_size=4)  # fmt: skip
     stored = load_result(tmp_path / "g")
     assert stored.arrays["loss"].shape == (5, 7) and stored.meta["complete"]
@@ -253,6 +253,19 @@ def test_serial_and_ray_give_identical_arrays(tiny_run, tmp_path):
     assert ray_result.meta["executor"] == "ray" and ray_result.meta["complete"]
     for name in ("loss", "metric", "done"):
         assert ray_result.arrays[name].tobytes() == serial.arrays[name].tobytes(), name
+
+
+def test_gpus_per_worker_without_gpus_is_one_line_and_writes_nothing(tiny_run, tmp_path, capsys):
+    pytest.importorskip("ray", reason="Ray is an optional extra (pip install 'landscape[ray]')")
+    if torch.cuda.is_available():
+        pytest.skip("checks the refusal on a machine without GPUs")
+    out = tmp_path / "s"
+    argv = ["surface", str(tiny_run), "--grid", "2", "--samples", "4", "--executor", "ray", "--workers", "1",
+            "--gpus-per-worker", "1", "--no-progress", "--out", str(out)]  # fmt: skip
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "--gpus-per-worker 1: this machine has 0 GPU(s)" in err and err.count("\n") == 1
+    assert not out.exists()
 
 
 def test_missing_ray_is_a_clear_error(monkeypatch):

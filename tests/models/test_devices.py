@@ -73,3 +73,53 @@ def test_bf16_autocast_training_on_the_cpu_tracks_fp32(tiny_model_dir, tiny_data
     # 3.4e-5 at most on this seed), and not identical (autocast really ran).
     np.testing.assert_allclose(losses["bf16"], losses["fp32"], rtol=1e-3)
     assert not np.array_equal(losses["bf16"], losses["fp32"])
+
+
+def test_bf16_evaluation_in_eval_and_surfaces_tracks_fp32_and_is_part_of_the_identity(tiny_run, tmp_path, capsys):
+    from landscape.core.results import load_result
+
+    losses = {}
+    for precision in ("fp32", "bf16"):
+        assert main(["eval", str(tiny_run), "--device", "cpu", "--precision", precision, "--json"]) == 0
+        printed = json.loads(capsys.readouterr().out)
+        assert printed["precision"] == precision
+        out = tmp_path / f"surface-{precision}"
+        argv = ["surface", str(tiny_run), "--grid", "3", "--samples", "8", "--no-progress", "--precision", precision]
+        assert main([*argv, "--out", str(out)]) == 0
+        capsys.readouterr()
+        result = load_result(out)
+        assert result.meta["precision"] == precision
+        losses[precision] = (printed["loss"], result.arrays["loss"])
+    capsys.readouterr()
+    # bf16 logits carry 8 bits of mantissa: losses within 1 % of fp32's, and not identical (autocast ran)
+    np.testing.assert_allclose(losses["bf16"][0], losses["fp32"][0], rtol=1e-2)
+    np.testing.assert_allclose(losses["bf16"][1], losses["fp32"][1], rtol=1e-2)
+    assert not np.array_equal(losses["bf16"][1], losses["fp32"][1])
+    # another precision in the same --out is another result: refused without --overwrite
+    other = ["surface", str(tiny_run), "--grid", "3", "--samples", "8", "--no-progress", "--out"]
+    assert exit_status([*other, str(tmp_path / "surface-bf16"), "--precision", "fp32"]) == 2
+    assert "precision" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--gpus-per-worker", "1"], "--gpus-per-worker is only for --executor ray"),
+        (["--precision", "fp8"], "invalid choice"),
+    ],
+)
+def test_grid_options_that_cannot_work_are_one_line_and_write_nothing(flags, message, tiny_run, tmp_path, capsys):
+    out = tmp_path / "surface"
+    assert exit_status(["surface", str(tiny_run), "--grid", "2", "--out", str(out), *flags]) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+    assert not out.exists()
+
+
+def test_the_demo_computes_every_stage_on_its_device(tmp_path):
+    from landscape.demo import QUICK, plan
+
+    stages = plan(tmp_path, task="sst2", model="minilm", data_dir=None, budget=QUICK, seed=1, device="cpu")
+    computing = [stage for stage in stages if stage.argv[0] not in ("figures", "report")]
+    assert computing and all("--device" in stage.argv for stage in computing)
+    assert all(stage.argv[stage.argv.index("--device") + 1] == "cpu" for stage in computing)

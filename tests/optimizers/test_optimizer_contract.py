@@ -116,3 +116,38 @@ def test_bad_hyper_parameters_are_refused(kwargs, message):
         make_base_optimizer("adamw", TinyNet(), **kwargs)
     with pytest.raises(ValueError, match="expected one of"):
         make_base_optimizer("lamb", TinyNet(), lr=1e-3)
+
+
+def test_adafactor_first_step_is_the_written_out_update():
+    """Shazeer & Stern (2018) Alg. 4 as torch documents it, step t = 1 (β̂₂ = 1 − 1^τ = 0: the moments are G²'s),
+    in float64: V = R Cᵀ / ΣR with R, C the row and column sums of G²; U = G / √V (ε₁ ≪ every entry here);
+    Û = U / max(1, RMS(U)); θ ← θ(1 − lr·λ) − max(ε₂, RMS(θ))·min(lr, 1)·Û; a vector's V is G² itself."""
+    torch.manual_seed(3)
+    net = nn.Linear(5, 4).double()
+    before = {name: p.detach().clone() for name, p in net.named_parameters()}
+    lr, decay = 0.05, 0.01
+    optimizer = make_base_optimizer("adafactor", net, lr=lr, weight_decay=decay)
+    x = torch.randn(7, 5, dtype=torch.float64)
+    loss = net(x).square().mean()
+    loss.backward()
+    grads = {name: p.grad.detach().clone() for name, p in net.named_parameters()}
+    optimizer.step()
+
+    def rms(t):
+        return t.square().mean().sqrt()
+
+    for name, param in net.named_parameters():
+        g, theta = grads[name], before[name]
+        if g.dim() > 1:
+            squared = g.square()
+            rows, cols = squared.sum(dim=1), squared.sum(dim=0)
+            v = torch.outer(rows, cols) / rows.sum()
+            weight_decay = decay
+        else:
+            v = g.square()
+            weight_decay = 0.0  # biases are in the no-decay group
+        u = g / v.sqrt()
+        u = u / max(1.0, float(rms(u)))
+        alpha = max(1e-3, float(rms(theta))) * min(lr, 1.0)
+        expected = theta * (1 - lr * weight_decay) - alpha * u
+        torch.testing.assert_close(param.detach(), expected, rtol=1e-10, atol=1e-12, msg=name)

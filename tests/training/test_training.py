@@ -146,8 +146,9 @@ def test_train_fraction_subsamples_with_the_seed(config):
         {"sam": "delta-sam", "delta_beta": 3.0},
         {"sam": "esam"},
         {"sam": "gsam", "fisher_mask": True, "mask_interval": 5, "fisher_samples": 8},
+        {"sam": "fsam", "mask_interval": 5, "fisher_samples": 8, "fisher_initial_mask": "random"},
     ],
-    ids=["fsam", "delta-sam", "esam", "f-gsam"],
+    ids=["fsam", "delta-sam", "esam", "f-gsam", "fsam-random-initial-mask"],
 )
 def test_sharpness_aware_runs_resume_bitwise(config, tmp_path, options):
     """The optimizer's own generator (δ-SAM's directions, ESAM's draws) and the Fisher mask are checkpointed."""
@@ -175,6 +176,30 @@ def test_fisher_mask_refreshes_are_logged_with_the_kept_fraction(config):
     assert "iou" not in masks[0] and 0 <= masks[1]["iou"] <= 1
     train_records = [r for r in read_metrics(result.run_dir) if r["kind"] == "train"]
     assert all(0 < r["perturbation_norm"] <= config.rho * (1 + 1e-6) for r in train_records)
+
+
+def test_fsam_random_initial_mask_is_exact_seeded_and_replaced_at_the_first_refresh(config):
+    """FSAM Algorithm 1, line 1: a random mask of round((1 − s)·|w|) coordinates until step F_i."""
+    from landscape.training.loop import build_optimizer, install_random_mask
+
+    fsam = replace(config, sam="fsam", mask_interval=5, fisher_samples=8, sparsity=0.9, fisher_initial_mask="random")
+    masks = []
+    for seed in (3, 3, 4):
+        model = load_model(fsam.model, get_task("sst2"), seed=0).model
+        optimizer = build_optimizer(replace(fsam, seed=seed).resolved(), model)
+        record = install_random_mask(model, optimizer, replace(fsam, seed=seed))
+        masks.append(torch.cat([m.reshape(-1) for m in optimizer.masks.values()]))
+    total = masks[0].numel()
+    assert int(masks[0].sum()) == round(0.1 * total) and record["kept_fraction"] == round(0.1 * total) / total
+    assert torch.equal(masks[0], masks[1]) and not torch.equal(masks[0], masks[2])  # seeded by the run's seed
+    result = train(fsam, progress=False, fisher=EmpiricalFisherMask())
+    records = [r for r in read_metrics(result.run_dir) if r["kind"] == "mask"]
+    assert [r["step"] for r in records] == [1, 6, 11]
+    assert records[0]["initial"] == "random" and "initial" not in records[1]
+    # the first Fisher mask shares about 1 − s of the random one's coordinates (independent draws), not all of them
+    assert records[1]["iou"] < 0.5
+    with pytest.raises(ConfigError, match="fisher_initial_mask 'zeros' is unknown"):
+        replace(fsam, fisher_initial_mask="zeros").resolved()
 
 
 def test_fisher_mask_without_a_sam_variant_is_refused(config):
