@@ -15,6 +15,7 @@ from pathlib import Path
 from matplotlib.figure import Figure
 
 from figures.analyses import fisher_distributions, hessian_spectrum, sharpness_vs_rho, transfer_bars
+from figures.correlation import measured, run_points, sharpness_vs_metric
 from figures.interactive import write_surface_html
 from figures.landscapes import interpolation_curves, surface_3d, surface_contour, surface_curves
 from figures.runs import metric_vs_mask_interval, metric_vs_sparsity, metric_vs_train_fraction, training_curves
@@ -42,6 +43,18 @@ def _distinct(values: Iterable) -> int:
 def figure_specs(collection: Collection) -> list[FigureSpec]:
     """Every figure that ``collection`` allows, in report order."""
     specs: list[FigureSpec] = []
+    points = run_points(collection)
+    if measured(points):  # first: across runs, the question the other figures illustrate one run at a time
+        specs.append(
+            FigureSpec(
+                "sharpness-vs-dev-metric",
+                "Sharpness against the dev metric across runs",
+                "Each run's sharpness measures (from its hessian, sharpness and surface results) against its final "
+                "dev metric; τ: Kendall's τ-b with a 95 % bootstrap interval over runs (Andriushchenko et al. 2023 "
+                "ask whether sharpness predicts generalisation for transformers).",
+                partial(sharpness_vs_metric, collection),
+            )
+        )
     for record in collection.surfaces(2):
         name = slug(record.name)
         specs.append(

@@ -15,7 +15,7 @@ from typing import Any
 from figures.style import run_label
 from landscape.core.errors import CheckpointError, ConfigError, LandscapeError
 from landscape.core.results import META_FILE, Result, load_result
-from landscape.core.rundir import ANALYSES_DIR, RUN_FILE, read_metrics, read_run_info
+from landscape.core.rundir import ANALYSES_DIR, RUN_FILE, TRIALS_DIR, read_metrics, read_run_info
 
 KINDS = ("surface", "interpolation", "hessian", "fisher", "sharpness", "transfer")
 
@@ -187,25 +187,34 @@ def collect(paths: Iterable[str | os.PathLike[str]]) -> Collection:
                 f"{path} is a file; expected a run directory (run.json) or a result directory (result.npz + meta.json)"
             )
         if (path / RUN_FILE).is_file():
-            if path.resolve() in seen:
-                continue
-            seen.add(path.resolve())
-            collection.runs.append(read_run(path))
-            analyses = path / ANALYSES_DIR
-            if analyses.is_dir():
-                for child in sorted(analyses.iterdir()):
-                    if (child / META_FILE).is_file() and child.resolve() not in seen:
-                        seen.add(child.resolve())
-                        collection.results.append(read_result(child))
+            _add_run(collection, path, seen)
+        elif (path / TRIALS_DIR).is_dir():  # a sweep: each trial is a run directory
+            for trial in sorted(p for p in (path / TRIALS_DIR).iterdir() if (p / RUN_FILE).is_file()):
+                _add_run(collection, trial, seen)
         elif (path / META_FILE).is_file():
             if path.resolve() not in seen:
                 seen.add(path.resolve())
                 collection.results.append(read_result(path))
         else:
             raise ConfigError(
-                f"{path} is neither a run directory (no {RUN_FILE}) nor a result directory (no {META_FILE})"
+                f"{path} is neither a run directory (no {RUN_FILE}), a sweep (no {TRIALS_DIR}/) nor a result "
+                f"directory (no {META_FILE})"
             )
     return collection
+
+
+def _add_run(collection: Collection, path: Path, seen: set[Path]) -> None:
+    """A run directory and the results in its ``analyses/`` folder, each once."""
+    if path.resolve() in seen:
+        return
+    seen.add(path.resolve())
+    collection.runs.append(read_run(path))
+    analyses = path / ANALYSES_DIR
+    if analyses.is_dir():
+        for child in sorted(analyses.iterdir()):
+            if (child / META_FILE).is_file() and child.resolve() not in seen:
+                seen.add(child.resolve())
+                collection.results.append(read_result(child))
 
 
 def group_by_task(records: Iterable[Any]) -> dict[str, list[Any]]:

@@ -64,8 +64,10 @@ class SharpnessAware(ClosureOptimizer):
         rho: neighbourhood radius ρ (L2), the default of every group's ``"rho"``. GSAM: the peak ρ.
         ascent_fraction: efficient SAM (Bahri et al. 2022, Alg. 1): the ascent gradient from the first
             ``ceil(fraction · b)`` examples of the batch (the batch order is already random); descent on all of it.
-        m_sharpness: m disjoint ascent micro-batches, each with its own ε and descent on itself; the descent
-            gradients are averaged weighted by micro-batch size (= the plain average for equal sizes).
+        m_sharpness: m disjoint ascent micro-batches, each with its own ε. With ``ascent_fraction`` 1 (Foret et al.'s
+            m-sharpness) each descends on itself and the descent gradients are averaged weighted by micro-batch
+            size; with ``ascent_fraction`` < 1 (Bahri et al. Fig. 2: m parts of a/m examples) each ε's descent is
+            on the whole batch and the m gradients are averaged.
         same_dropout: replay the ascent's RNG state for the descent forward (identical dropout masks).
         local_ascent: with several data-parallel replicas, each takes its own ε from its own share of the batch
             (m-sharpness with m = world size, as Foret et al. trained) and the descent gradients are averaged;
@@ -98,7 +100,6 @@ class SharpnessAware(ClosureOptimizer):
     ) -> None:
         _check(0 < ascent_fraction <= 1, f"ascent_fraction must be in (0, 1], got {ascent_fraction}")
         _check(isinstance(m_sharpness, int) and m_sharpness >= 1, f"m_sharpness must be an int >= 1, got {m_sharpness}")
-        _check(m_sharpness == 1 or ascent_fraction == 1, "use either ascent_fraction < 1 or m_sharpness > 1, not both")
         super().__init__(
             base, max_grad_norm=max_grad_norm, accumulation=accumulation, replicas=replicas, loss_scale=loss_scale
         )
@@ -300,7 +301,11 @@ class SharpnessAware(ClosureOptimizer):
         # batch, or with local_ascent this process's share, each replica then running the variant on its own.
         group = SINGLE if self.local_ascent else self.replicas
         chunks = self._ascent_chunks(closure)
-        batch_total = sum(len(c) for c in chunks) if self.m_sharpness > 1 else None
+        # Foret's m-sharpness (the whole batch split in m): each part descends on itself, weighted by its size.
+        # Inside efficient SAM's micro-batch (Bahri et al.): every part's point descends on the whole batch, and
+        # the m gradients are averaged ("averaging the SAM-gradients at each of these points", §3).
+        own_descent = self.m_sharpness > 1 and self.ascent_fraction == 1
+        batch_total = sum(len(c) for c in chunks) if own_descent else None
         accumulated: list[torch.Tensor | None] | None = None
         losses_at_w: list[torch.Tensor] = []
         for chunk in chunks:
@@ -331,7 +336,7 @@ class SharpnessAware(ClosureOptimizer):
             ascent_grads = [p.grad for p in params]
             epsilon = self.perturbation(params, ascent_grads)
             report.perturbation_norm = global_norm([e for e in epsilon if e is not None])
-            descent_chunk = chunk if self.m_sharpness > 1 else None
+            descent_chunk = chunk if own_descent else None
             with self.perturbed(epsilon):
                 self.zero_grad(set_to_none=True)
                 if rng_before is not None:
@@ -351,7 +356,7 @@ class SharpnessAware(ClosureOptimizer):
                 piece.combine(params, ascent_grads, first_group)
             if self.local_ascent:
                 self.replicas.average_gradients(params)
-            share = 1.0 if batch_total is None else len(chunk) / batch_total
+            share = len(chunk) / batch_total if batch_total is not None else 1.0 / len(chunks)
             accumulated = _accumulate(accumulated, params, share)
         for param, grad in zip(params, accumulated or [], strict=True):
             param.grad = grad
@@ -414,9 +419,9 @@ class SharpnessAware(ClosureOptimizer):
         size = getattr(closure, "size", None)
         if not isinstance(size, int) or size <= 0:
             raise ValueError("efficient SAM / m-sharpness needs a closure with an int attribute `size` (batch size)")
-        if self.m_sharpness > 1:  # cpu: row indices (the closure moves them to the batch's device)
-            return [chunk for chunk in torch.arange(size).tensor_split(min(self.m_sharpness, size)) if len(chunk)]
-        return [torch.arange(max(1, math.ceil(self.ascent_fraction * size)))]  # cpu: row indices
+        ascent_rows = max(1, math.ceil(self.ascent_fraction * size))
+        rows = torch.arange(ascent_rows)  # cpu: row indices (the closure moves them to the batch's device)
+        return [chunk for chunk in rows.tensor_split(min(self.m_sharpness, ascent_rows)) if len(chunk)]
 
 
 def _accumulate(accumulated, params, share):

@@ -46,7 +46,9 @@ HELP = {
     "rho": "SAM neighbourhood radius rho (GSAM: its peak)",
     "eta": "ASAM: T = |w| + eta",
     "ascent_fraction": "efficient SAM: ascent gradient from this fraction of the batch",
-    "m_sharpness": "m disjoint ascent micro-batches, descent gradients averaged",
+    "m_sharpness": "m disjoint ascent micro-batches with their own epsilon, descent gradients averaged (each part "
+    "descends on itself; with --ascent-fraction < 1 the parts split the ascent micro-batch and each epsilon's "
+    "descent is on the whole batch, Bahri et al. Fig. 2)",
     "exact_rho": "Fisher mask: normalise after masking so ||eps|| = rho (default: FSAM Eq. 6, ||eps|| <= rho)",
     "same_dropout": "replay the ascent pass's dropout masks in the descent pass (default: on for ESAM, whose "
     "selection compares the two passes' losses; off for the others)",

@@ -339,6 +339,26 @@ def test_efficient_sam_ascends_on_the_micro_batch_and_descends_on_the_batch():
         torch.testing.assert_close(a.detach(), b, rtol=1e-10, atol=1e-12)
 
 
+def test_m_sharpness_inside_the_ascent_micro_batch_by_hand():
+    """Bahri et al. Fig. 2: the ascent micro-batch (a = b/2 = 4 here) in m = 2 parts of a/m; each part's ε, the
+    gradient of the whole batch at each w + ε_j, averaged; SGD steps on the average (so the step is the mean of the
+    two single-point steps)."""
+    x, y = make_batch(6)
+    first = hand_step(make_net(), x, y, ascent_rows=slice(0, 2), transform=sam_eps)
+    second = hand_step(make_net(), x, y, ascent_rows=slice(2, 4), transform=sam_eps)
+    net = make_net()
+    groups = parameter_groups(net.named_parameters(), weight_decay=0.01)
+    opt = make_sharpness_optimizer(
+        "sam", torch.optim.SGD(groups, lr=0.1), rho=RHO, ascent_fraction=0.5, m_sharpness=2,
+        named_parameters=net.named_parameters(),
+    )  # fmt: skip
+    closure = RecordingClosure(net, x, y)
+    opt.step(closure)
+    assert [None if r is None else r.tolist() for r in closure.rows] == [[0, 1], None, [2, 3], None]
+    for a, b1, b2 in zip(net.parameters(), first, second, strict=True):
+        torch.testing.assert_close(a.detach(), (b1 + b2) / 2, rtol=1e-10, atol=1e-12)
+
+
 def test_gsam_step_by_hand():
     x, y = make_batch(5)
     expected = hand_step(make_net(), x, y, transform=sam_eps, gsam_alpha=0.3)
