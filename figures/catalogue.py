@@ -17,7 +17,7 @@ from matplotlib.figure import Figure
 from figures.analyses import fisher_distributions, hessian_spectrum, sharpness_vs_rho, transfer_bars
 from figures.correlation import measured, run_points, sharpness_vs_metric
 from figures.interactive import write_surface_html
-from figures.landscapes import interpolation_curves, surface_3d, surface_contour, surface_curves
+from figures.landscapes import interpolation_curves, shared_range, surface_3d, surface_contour, surface_curves
 from figures.runs import metric_vs_mask_interval, metric_vs_sparsity, metric_vs_train_fraction, training_curves
 from figures.sources import Collection, collect, group_by_task
 from figures.style import FORMATS, save_figure, slug
@@ -55,15 +55,24 @@ def figure_specs(collection: Collection) -> list[FigureSpec]:
                 partial(sharpness_vs_metric, collection),
             )
         )
+    # Surfaces of one task share one colour scale and z range: compared side by side, each stretched to its own
+    # range would make a sharp and a flat solution look alike.
+    ranges = {
+        (task, values): shared_range(records, values)
+        for task, records in group_by_task(collection.surfaces(2)).items()
+        for values in ("loss", "metric")
+    }
     for record in collection.surfaces(2):
         name = slug(record.name)
+        loss_range, metric_range = ranges[record.task, "loss"], ranges[record.task, "metric"]
         specs.append(
             FigureSpec(
                 f"surface-contour-{name}",
                 f"Loss contours · {record.label} · {record.task}",
                 "2-D loss surface around the solution (0, 0) along two filter-normalised directions "
-                "(FSAM Fig. 4); white gaps: cells not computed or not finite.",
-                partial(surface_contour, record),
+                "(FSAM Fig. 4); white gaps: cells not computed or not finite; one colour scale for every "
+                "surface of the task.",
+                partial(surface_contour, record, value_range=loss_range),
             )
         )
         specs.append(
@@ -71,15 +80,15 @@ def figure_specs(collection: Collection) -> list[FigureSpec]:
                 f"surface-metric-contour-{name}",
                 f"{record.metric_name} contours · {record.label}",
                 f"The dev {record.metric_name} over the same grid.",
-                partial(surface_contour, record, values="metric"),
+                partial(surface_contour, record, values="metric", value_range=metric_range),
             )
         )
         specs.append(
             FigureSpec(
                 f"surface-3d-{name}",
                 f"Loss surface · {record.label} · {record.task}",
-                "The same surface in 3-D.",
-                partial(surface_3d, record),
+                "The same surface in 3-D (z range shared by the task's surfaces).",
+                partial(surface_3d, record, value_range=loss_range),
             )
         )
     for task, records in group_by_task(collection.surfaces(1)).items():
@@ -205,9 +214,11 @@ def write_figures(
     written: list[Path] = []
     for spec in figure_specs(collection):
         written += save_figure(spec.draw(), out_dir / spec.stem, formats)
+    ranges = {task: shared_range(records) for task, records in group_by_task(collection.surfaces(2)).items()}
     for record in collection.of_kind("surface"):
         if html and "b" in record.arrays:
-            written.append(write_surface_html(record, out_dir / f"surface-3d-{slug(record.name)}.html"))
+            target = out_dir / f"surface-3d-{slug(record.name)}.html"
+            written.append(write_surface_html(record, target, value_range=ranges[record.task]))
         if vtk:
             written.append(export_surface_vtk(record, out_dir / f"surface-{slug(record.name)}.vtu"))
     return written

@@ -66,11 +66,26 @@ def _degenerate_grid(ax, a: np.ndarray, b: np.ndarray, z: np.ndarray, record: Re
     ax.set_title(f"{_title(record)} (grid {len(b)}×{len(a)})")
 
 
+def shared_range(sources: Sequence[Source], values: str = "loss") -> tuple[float, float] | None:
+    """The (min, max) of the finite cells of several 2-D surfaces: one colour scale and z range for all of them,
+    so that surfaces compared side by side are not each stretched to their own range (None: no finite cell)."""
+    cells = [finite(as_result_record(s, "surface").arrays[values]).ravel() for s in sources]
+    cells = [c[np.isfinite(c)] for c in cells]
+    cells = [c for c in cells if c.size]
+    if not cells:
+        return None
+    joined = np.concatenate(cells)
+    return float(joined.min()), float(joined.max())
+
+
 @styled
-def surface_contour(source: Source, *, values: str = "loss", levels: int = 16) -> Figure:
+def surface_contour(
+    source: Source, *, values: str = "loss", levels: int = 16, value_range: tuple[float, float] | None = None
+) -> Figure:
     """FSAM Fig. 4 (left): filled contours of a 2-D surface; x = α along direction 1, y = β along direction 2,
     colour = loss (or the metric), on a log colour scale when the values span two decades. The solution θ is at
-    (0, 0), marked with a cross."""
+    (0, 0), marked with a cross. ``value_range``: the colour scale's (min, max), shared by surfaces compared side
+    by side (:func:`shared_range`); default the surface's own."""
     record = as_result_record(source, "surface")
     name = _value_name(record, values)
     a, b, z = _grid(record, values)
@@ -82,9 +97,9 @@ def surface_contour(source: Source, *, values: str = "loss", levels: int = 16) -
     if masked.count() == 0:
         ax.text(0.5, 0.5, "no computed cells", ha="center", va="center", transform=ax.transAxes)
     else:
-        low, high = float(masked.min()), float(masked.max())
+        low, high = (float(masked.min()), float(masked.max())) if value_range is None else value_range
         norm = None
-        if choose_scale(masked.compressed()) == "log":
+        if choose_scale(masked.compressed() if value_range is None else np.array(value_range)) == "log":
             norm = LogNorm(low, high)
             contour_levels = np.geomspace(low, high, levels)
         elif high > low:
@@ -122,9 +137,10 @@ def surface_quads(a: np.ndarray, b: np.ndarray, z: np.ndarray) -> tuple[np.ndarr
 
 
 @styled
-def surface_3d(source: Source, *, values: str = "loss") -> Figure:
+def surface_3d(source: Source, *, values: str = "loss", value_range: tuple[float, float] | None = None) -> Figure:
     """FSAM Fig. 4 (right): the 2-D surface drawn in 3-D; x = α, y = β, height = loss (log10 of it when the values
-    span two decades, since 3-D axes have no log scale). Non-finite cells are transparent gaps."""
+    span two decades, since 3-D axes have no log scale). Non-finite cells are transparent gaps. ``value_range``:
+    the z range and colour scale shared with other surfaces (:func:`shared_range`); default the surface's own."""
     record = as_result_record(source, "surface")
     name = _value_name(record, values)
     a, b, z = _grid(record, values)
@@ -133,12 +149,17 @@ def surface_3d(source: Source, *, values: str = "loss") -> Figure:
         _degenerate_grid(ax, a, b, z, record, name)
         return fig
     fig, (ax,) = new_figure(height=3.0, projection="3d")
-    positive = z[np.isfinite(z)]
-    if choose_scale(positive) == "log":
+    positive = z[np.isfinite(z)] if value_range is None else np.array(value_range)
+    log = choose_scale(positive) == "log"
+    if log:
         z = np.log10(z)
         name = f"log10 {name}"
     quads, heights = surface_quads(a, b, z)
-    norm = Normalize(*(np.nanmin(heights), np.nanmax(heights)) if len(heights) else (0, 1))
+    if value_range is not None:
+        shared = np.log10(np.array(value_range)) if log else np.array(value_range)
+        norm = Normalize(float(shared[0]), float(shared[1]))
+    else:
+        norm = Normalize(*(np.nanmin(heights), np.nanmax(heights)) if len(heights) else (0, 1))
     faces = Poly3DCollection(
         quads, facecolors=colormaps["viridis"](norm(heights)), edgecolors=(0, 0, 0, 0.2), linewidths=0.1
     )
@@ -149,7 +170,7 @@ def surface_3d(source: Source, *, values: str = "loss") -> Figure:
     ax.set_xlim(a.min(), a.max())
     ax.set_ylim(b.min(), b.max())
     if len(heights):
-        low, high = float(np.nanmin(z)), float(np.nanmax(z))
+        low, high = (float(np.nanmin(z)), float(np.nanmax(z))) if value_range is None else (norm.vmin, norm.vmax)
         spread = high - low or 1e-9 * (abs(low) + 1)  # a flat surface still gets a z range
         ax.set_zlim(low - 0.02 * spread, high + 0.02 * spread)
     else:

@@ -20,7 +20,8 @@ import numpy as np
 
 from figures.catalogue import figure_specs
 from figures.interactive import surface_html_fragment
-from figures.sources import Collection, ResultRecord, collect
+from figures.landscapes import shared_range
+from figures.sources import Collection, ResultRecord, collect, group_by_task
 from figures.style import optimizer_colour, paper_style
 from landscape.core.atomic import write_text
 from landscape.core.errors import ConfigError
@@ -185,6 +186,7 @@ def render_report(collection: Collection, *, title: str = "Loss landscape report
             "</figure>"
         )
     surfaces = collection.surfaces(2)
+    ranges = {task: shared_range(records) for task, records in group_by_task(surfaces).items()}  # one z per task
     if surfaces:
         parts.append("<h2>Interactive surfaces</h2><p>Drag to rotate, scroll to zoom; gaps are cells not computed.</p>")
     for index, record in enumerate(surfaces):
@@ -192,7 +194,9 @@ def render_report(collection: Collection, *, title: str = "Loss landscape report
             f"<h3>{html.escape(record.label)} · {html.escape(record.task)} "
             f"<small>({html.escape(str(record.path))})</small></h3>"
         )
-        fragment = surface_html_fragment(record, include_plotlyjs=index == 0, div_id=f"surface-{index}")
+        fragment = surface_html_fragment(
+            record, include_plotlyjs=index == 0, div_id=f"surface-{index}", value_range=ranges[record.task]
+        )
         parts.append(f'<div class="plot">{fragment}</div>')
     parts.append("</body></html>")
     return "\n".join(parts)

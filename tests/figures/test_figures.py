@@ -543,3 +543,29 @@ def test_figures_package_imports_nothing_from_the_model_side():
     assert done.returncode == 0, done.stderr
     assert len(modules) >= 8
     assert done.stdout.strip() == "", f"figures imported model-side modules: {done.stdout.strip()}"
+
+
+def test_surfaces_of_one_task_share_one_colour_scale_and_z_range(tmp_path):
+    from figures.catalogue import figure_specs
+    from figures.interactive import surface_plotly
+    from figures.landscapes import shared_range
+    from figures.sources import collect
+
+    a = b = np.linspace(-1, 1, 5)
+    flat = save_surface(tmp_path / "flat", describe_run(tmp_path / "r1"), a, b)  # loss 0.1 .. 4.1
+    sharp = save_surface(tmp_path / "sharp", describe_run(tmp_path / "r2", sam="sam"), 2 * a, 2 * b)  # .. 16.1
+    collection = collect([flat, sharp])
+    low, high = shared_range(collection.surfaces(2))
+    assert (low, high) == pytest.approx((0.1, 16.1))
+    contours = [s for s in figure_specs(collection) if s.stem.startswith("surface-contour-")]
+    assert len(contours) == 2
+    for spec in contours:
+        fig = spec.draw()
+        mappable = next(ax for ax in fig.axes if ax.collections).collections[0]
+        assert (mappable.norm.vmin, mappable.norm.vmax) == pytest.approx((low, high))  # not each its own range
+    for record in collection.surfaces(2):
+        trace = surface_plotly(record, value_range=(low, high)).data[0]
+        assert (trace.cmin, trace.cmax) == (low, high)
+    three_d = [s for s in figure_specs(collection) if s.stem.startswith("surface-3d-")]
+    limits = {tuple(np.round(s.draw().axes[0].get_zlim(), 9)) for s in three_d}
+    assert len(limits) == 1  # one z range for both
