@@ -8,6 +8,7 @@ import sys
 
 from landscape.core.errors import ConfigError
 from landscape.geometry.grids import EXECUTORS
+from landscape.models.adapters import SUBSPACES
 from landscape.models.devices import PRECISIONS
 from landscape.models.jobs import DataSelection
 from landscape.models.runs import SPLITS
@@ -43,6 +44,13 @@ def add_data_arguments(parser: argparse.ArgumentParser, *, samples: int | None, 
         help=f"examples drawn with --seed; at or above the split's size: all (default {shown})",
     )
     group.add_argument("--seed", type=int, default=0, help="seed of the example subset and of random draws")
+    group.add_argument(
+        "--subspace",
+        choices=SUBSPACES,
+        default="full",
+        help="for a PEFT adapter folder: perturb the weights with the adapter merged (full, default) or the "
+        "adapter's own weights alone (adapter)",
+    )
 
 
 def add_output_arguments(parser: argparse.ArgumentParser) -> None:
@@ -83,6 +91,7 @@ def data_selection(args: argparse.Namespace) -> DataSelection:
         task=args.task,
         data_dir=args.data_dir,
         batch_size=getattr(args, "batch_size", 32),
+        subspace=getattr(args, "subspace", "full"),
     )
 
 

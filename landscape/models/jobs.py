@@ -20,6 +20,7 @@ import numpy as np
 from landscape.core.errors import ConfigError
 from landscape.core.results import Result, resume_or_start, save_result
 from landscape.core.rundir import ANALYSES_DIR, RUN_FILE, has_run
+from landscape.models.adapters import check_subspace
 from landscape.models.runs import EvalSubset, Run, check_selection, open_run, select_subset
 
 
@@ -39,15 +40,17 @@ class DataSelection:
     task: str | None = None
     data_dir: str | Path | None = None
     batch_size: int = 32
+    subspace: str = "full"  # a PEFT adapter folder's parameters: merged into the base (full) or its own (adapter)
 
     def __post_init__(self) -> None:
         check_selection(split=self.split, samples=self.samples, batch_size=self.batch_size)
+        check_subspace(self.subspace)
         if isinstance(self.seed, bool) or not isinstance(self.seed, int | np.integer):
             raise ConfigError(f"seed must be an integer, got {self.seed!r}")
 
     def open_run(self, path: str | Path) -> Run:
         """The run at ``path`` with this selection's task and data-directory overrides."""
-        return open_run(path, task=self.task, data_dir=self.data_dir)
+        return open_run(path, task=self.task, data_dir=self.data_dir, subspace=self.subspace)
 
     def subset(self, run: Run, tokenizer: Any) -> EvalSubset:
         """The selected examples of ``run``'s data, tokenized once and batched."""

@@ -26,6 +26,7 @@ from landscape.core.rundir import RUN_FILE, read_run_info
 from landscape.data.encoding import EncodedSplit, collate, default_cache_dir, encode_split
 from landscape.data.metrics import compute_metrics
 from landscape.data.tasks import TaskSpec, get_task, load_split, resolve_data_dir, seeded_indices
+from landscape.models.adapters import adapter_base, check_subspace, is_adapter, load_adapter_model
 from landscape.models.devices import resolve_device
 from landscape.models.evaluation import outputs_over
 from landscape.models.loading import LoadedModel, check_compatible, load_model, quiet_transformers, resolve_model_path
@@ -49,8 +50,9 @@ class Run:
     model: str  # alias, folder or hub name of the architecture and tokenizer
     data_dir: Path | None  # None: the hub
     max_length: int
-    source: str = "run"
+    source: str = "run"  # "run", "checkpoint" or "adapter" (a PEFT adapter folder, landscape.models.adapters)
     init_model: str | None = None  # a checkpoint's θ0: the pretrained model it was fine-tuned from (--init)
+    subspace: str = "full"  # an adapter's parameter space: "full" (merged) or "adapter" (its weights alone)
 
     @property
     def label(self) -> str:
@@ -64,6 +66,8 @@ class Run:
         """``final.safetensors`` (θ1) or ``init.safetensors`` (θ0, the weights before step 1, head included)."""
         if which not in WEIGHTS:
             raise ConfigError(f"weights must be one of {', '.join(WEIGHTS)}, got {which!r}")
+        if self.source == "adapter":
+            raise CheckpointError(f"{self.path} is a PEFT adapter folder: it has no {which}.safetensors file")
         if self.source == "checkpoint":
             single = self.path / "model.safetensors"
             if which == "final" and single.is_file():
@@ -80,7 +84,7 @@ class Run:
 
     def describe(self) -> dict[str, Any]:
         """JSON-able identification of the run for a result's ``meta``."""
-        return {
+        described = {
             "path": str(self.path),
             "label": self.label,
             "task": self.task.name,
@@ -89,6 +93,9 @@ class Run:
             "sam": self.config.get("sam", "none"),
             "seed": self.config.get("seed"),
         }
+        if self.source == "adapter":
+            described.update(source="adapter", subspace=self.subspace)
+        return described
 
 
 def open_run(
@@ -98,12 +105,21 @@ def open_run(
     data_dir: str | Path | None = None,
     model: str | None = None,
     init: str | None = None,
+    subspace: str = "full",
 ) -> Run:
     """Read ``path/run.json``; ``task``, ``data_dir`` and ``model`` override the run's own values.
 
     ``path`` may also be a model checkpoint (see :class:`Run`): then ``task`` is required and ``init`` names the
-    pretrained model θ0 comes from.
+    pretrained model θ0 comes from; or a PEFT adapter folder, analysed in ``subspace`` (``full``: merged into its
+    base; ``adapter``: its own weights alone).
     """
+    check_subspace(subspace)
+    if is_adapter(path):
+        return open_adapter(path, task=task, data_dir=data_dir, subspace=subspace)
+    if subspace != "full":
+        raise ConfigError(
+            f"--subspace {subspace} is for PEFT adapter folders; {path} is not one (no adapter_config.json)"
+        )
     if is_checkpoint(path):
         return open_checkpoint(path, task=task, data_dir=data_dir, init=init)
     path = Path(path)
@@ -160,6 +176,25 @@ def open_checkpoint(path: str | Path, *, task: str | None, data_dir: str | Path 
     )
 
 
+def open_adapter(path: str | Path, *, task: str | None, data_dir: str | Path | None, subspace: str) -> Run:
+    """A :class:`Run` for a PEFT adapter folder; its base model must be loadable here."""
+    if not task:
+        raise ConfigError(
+            f"{path} is a PEFT adapter folder, not a run directory: pass --task (its data is not recorded)"
+        )
+    base = adapter_base(path)
+    return Run(
+        path=Path(path),
+        config={},
+        task=get_task(task),
+        model=base,
+        data_dir=resolve_data_dir(data_dir),
+        max_length=128,
+        source="adapter",
+        subspace=subspace,
+    )
+
+
 def check_labels(model: str, task: TaskSpec) -> None:
     """The checkpoint's classification head must be the task's: as many labels, in the task's order when named."""
     quiet_transformers()
@@ -192,7 +227,11 @@ def load_run_model(
     fused attention kernels have no second derivative (docs/pitfalls.md §15). Dropout is as in the run's config but is
     never active, because every analysis evaluates in eval mode.
     """
-    if run.source == "checkpoint":
+    if run.source == "adapter":
+        if weights != "final":
+            raise ConfigError(f"{run.path} is a PEFT adapter folder: only its own (final) weights can be analysed")
+        loaded = load_adapter_model(run.path, run.task, subspace=run.subspace, attn_implementation=attn_implementation)
+    elif run.source == "checkpoint":
         loaded = load_checkpoint_model(run, weights, attn_implementation=attn_implementation)
     else:
         loaded = load_model(
@@ -230,10 +269,8 @@ def load_checkpoint_model(run: Run, weights: str, *, attn_implementation: str | 
 def read_run_weights(run: Run, model: nn.Module, weights: str = "final") -> dict[str, torch.Tensor]:
     """The run's ``weights`` as a params dict keyed like ``model``'s parameters (checked to match)."""
     expected = {name: p.detach() for name, p in model_parameters(model).items()}
-    if run.source == "checkpoint":
-        found = {
-            name: p.detach().clone() for name, p in model_parameters(load_checkpoint_model(run, weights).model).items()
-        }
+    if run.source != "run":
+        found = {name: p.detach().clone() for name, p in model_parameters(load_run_model(run, weights).model).items()}
         check_compatible(expected, found, f"the {weights} weights of {run.path}")
         return {name: found[name].to(expected[name].dtype) for name in expected}
     tensors = read_safetensors(run.weights_file(weights))
