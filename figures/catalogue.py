@@ -18,7 +18,17 @@ from figures.analyses import fisher_distributions, hessian_spectrum, sharpness_v
 from figures.correlation import measured, run_points, sharpness_vs_metric
 from figures.interactive import write_surface_html
 from figures.landscapes import interpolation_curves, shared_range, surface_3d, surface_contour, surface_curves
-from figures.runs import metric_vs_mask_interval, metric_vs_sparsity, metric_vs_train_fraction, training_curves
+from figures.runs import (
+    SAM_SWEEPS,
+    SWEEP_LABELS,
+    dev_metric_bands,
+    metric_vs_mask_interval,
+    metric_vs_sam_setting,
+    metric_vs_sparsity,
+    metric_vs_train_fraction,
+    seed_groups,
+    training_curves,
+)
 from figures.sources import Collection, collect, group_by_task
 from figures.style import FORMATS, save_figure, slug
 from figures.vtk import export_surface_vtk
@@ -121,6 +131,29 @@ def figure_specs(collection: Collection) -> list[FigureSpec]:
                 )
             )
         completed = [run for run in runs if run.dev_metrics]
+        evaluated = [run for run in runs if run.records_of("eval")]
+        if any(len(group) >= 2 for group in seed_groups(evaluated).values()):  # several seeds of one setting
+            specs.append(
+                FigureSpec(
+                    f"dev-bands-{slug(task)}",
+                    f"Dev metric against step over seeds · {task}",
+                    "Mean over the runs of each optimizer, band ± one standard deviation over seeds, each seed faint "
+                    "(FSAM Fig. 6 with its seeds).",
+                    partial(dev_metric_bands, runs),
+                )
+            )
+        sam_runs = [run for run in completed if run.config.get("sam", "none") != "none"]
+        for parameter in SAM_SWEEPS:
+            if _distinct(run.config.get(parameter) for run in sam_runs) >= 2:
+                specs.append(
+                    FigureSpec(
+                        f"{parameter.replace('_', '-')}-{slug(task)}",
+                        f"Dev metric against {SWEEP_LABELS[parameter]} · {task}",
+                        "Bahri et al. Fig. 2: mean over seeds, band ± one standard deviation, each seed a dot; "
+                        "dotted: runs without SAM.",
+                        partial(metric_vs_sam_setting, completed, parameter),
+                    )
+                )
         fisher_runs = [run for run in completed if run.uses_fisher_mask]
         if _distinct(run.config.get("sparsity") for run in fisher_runs) >= 2:
             specs.append(

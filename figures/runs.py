@@ -19,7 +19,13 @@ SWEEP_LABELS = {
     "sparsity": "sparsity s (share of coordinates not perturbed)",
     "mask_interval": "mask interval F_i (steps)",
     "train_fraction": "training-data fraction",
+    "rho": "neighbourhood radius ρ",
+    "ascent_fraction": "ascent micro-batch a / b",
+    "m_sharpness": "sharpness m (ascent micro-batches)",
+    "delta_beta": "δ-SAM β",
 }
+#: the SAM hyperparameters a sweep figure is drawn for (Bahri et al. Fig. 2: ρ, a, m; δ-SAM's β), among SAM runs
+SAM_SWEEPS = ("rho", "ascent_fraction", "m_sharpness", "delta_beta")
 
 
 def _moving_average(values: np.ndarray, window: int) -> np.ndarray:
@@ -97,9 +103,9 @@ def metric_vs_hyperparameter(
     metric: str | None = None,
     applies: Callable[[RunRecord], bool] | None = None,
 ) -> Figure:
-    """The final dev metric (y; mean over seeds, bars = standard deviation) against the config value ``parameter``
-    (x; log scale when it spans a decade), one line per optimizer label. Runs for which ``applies`` is False (e.g.
-    runs without a Fisher mask in a sparsity sweep) are drawn as horizontal reference lines."""
+    """The final dev metric (y; line: mean over seeds, band: ± standard deviation, dots: every seed) against the
+    config value ``parameter`` (x; log scale when it spans a decade), one line per optimizer label. Runs for which
+    ``applies`` is False (e.g. runs without a Fisher mask in a sparsity sweep) are horizontal reference lines."""
     runs = [as_run_record(source) for source in sources]
     swept = [run for run in runs if applies is None or applies(run)]
     references = [run for run in runs if applies is not None and not applies(run)]
@@ -113,7 +119,12 @@ def metric_vs_hyperparameter(
         mean = np.array([np.mean(by_x[v]) for v in x])
         spread = np.array([np.std(by_x[v]) if len(by_x[v]) > 1 else 0.0 for v in x])
         style = optimizer_style(label)
-        ax.errorbar(x, mean, yerr=spread if spread.any() else None, label=label, capsize=2, **style)
+        ax.plot(x, mean, label=label, **style)
+        if spread.any():  # the seed band: mean ± standard deviation over seeds
+            ax.fill_between(x, mean - spread, mean + spread, color=style["color"], alpha=0.18, linewidth=0)
+        seeds_x = [v for v in x for _ in by_x[v]]
+        seeds_y = [value for v in x for value in by_x[v]]
+        ax.scatter(seeds_x, seeds_y, s=6, color=style["color"], alpha=0.45, linewidths=0)  # every seed, faint
         xs.extend(x)
     for label, by_x in sweep_points(references, parameter, metric).items():
         value = np.mean([v for values in by_x.values() for v in values])
@@ -142,3 +153,83 @@ def metric_vs_mask_interval(sources: Sequence[RunSource], *, metric: str | None 
 def metric_vs_train_fraction(sources: Sequence[RunSource], *, metric: str | None = None) -> Figure:
     """FSAM Fig. 2 / Bahri et al. Fig. 1: dev metric against the fraction of the training set used."""
     return metric_vs_hyperparameter(sources, "train_fraction", metric=metric)
+
+
+def metric_vs_sam_setting(sources: Sequence[RunSource], parameter: str, *, metric: str | None = None) -> Figure:
+    """Bahri et al. Fig. 2: dev metric against a SAM hyperparameter (ρ, a/b, m, β) of the sharpness-aware runs;
+    runs of the base optimizer alone are dotted references."""
+    return metric_vs_hyperparameter(
+        sources, parameter, metric=metric, applies=lambda run: run.config.get("sam", "none") != "none"
+    )
+
+
+#: config keys that do not make two runs different settings (seeds of one setting differ only in these)
+NOT_A_SETTING = ("seed", "out", "data_dir", "device", "recipe")
+
+
+def seed_groups(runs: Sequence[RunRecord]) -> dict[str, list[RunRecord]]:
+    """Runs that differ only in their seed, keyed by a legend name: the optimizer label, plus the settings that
+    vary between runs of that label (e.g. ``adamw+sam rho=0.1``)."""
+
+    def setting(run: RunRecord) -> tuple:
+        return tuple(sorted((k, json_key(v)) for k, v in run.config.items() if k not in NOT_A_SETTING))
+
+    groups: dict[tuple, list[RunRecord]] = {}
+    for run in runs:
+        groups.setdefault((run.label, setting(run)), []).append(run)
+    named: dict[str, list[RunRecord]] = {}
+    for (label, key), members in groups.items():
+        siblings = [k for (other, k) in groups if other == label]
+        varying = sorted(
+            {name for k in siblings for name, value in k if any(dict(o).get(name) != value for o in siblings)}
+        )
+        extra = " ".join(f"{name}={dict(key).get(name)}" for name in varying)
+        named[f"{label} {extra}".strip()] = members
+    return named
+
+
+def json_key(value: object) -> object:
+    return tuple(value) if isinstance(value, list) else value
+
+
+@styled
+def dev_metric_bands(sources: Sequence[RunSource], *, metric: str | None = None) -> Figure:
+    """FSAM Fig. 6 over seeds: the dev metric against step for each group of runs that differ only in their seed
+    (:func:`seed_groups`): the mean at each evaluated step, the band ± the standard deviation over seeds, each
+    seed faint."""
+    runs = [as_run_record(source) for source in sources]
+    fig, (ax,) = new_figure()
+    drawn = False
+    names = set()
+    for group, members in seed_groups(runs).items():
+        series = {}
+        for run in members:
+            name = metric or run.metric_name
+            if not name:
+                continue
+            names.add(name)
+            points = {int(r["step"]): float(r[name]) for r in run.records_of("eval") if name in r and "step" in r}
+            if points:
+                series[run.path] = points
+        if not series:
+            continue
+        steps = sorted(set.intersection(*(set(p) for p in series.values())))
+        if not steps:
+            continue
+        values = np.array([[points[step] for step in steps] for points in series.values()])
+        style = optimizer_style(members[0].label)
+        for row in values:
+            ax.plot(steps, row, color=style["color"], alpha=0.25, linewidth=0.6)
+        mean = values.mean(axis=0)
+        ax.plot(steps, mean, label=f"{group} (n = {len(values)})", **{**style, "marker": None})
+        if len(values) > 1:
+            spread = values.std(axis=0)
+            ax.fill_between(steps, mean - spread, mean + spread, color=style["color"], alpha=0.18, linewidth=0)
+        drawn = True
+    if not drawn:
+        raise ConfigError("no run has dev evaluations in metrics.jsonl; train with --eval-every N")
+    ax.set_xlabel("step")
+    ax.set_ylabel("dev " + " / ".join(sorted(names)))
+    ax.set_title(" / ".join(sorted({run.task for run in runs})))
+    ax.legend(loc="best", fontsize="x-small")
+    return fig

@@ -360,7 +360,7 @@ def test_training_curves_and_sweeps_read_run_directories(tmp_path):
 
     sparsity = metric_vs_sparsity(runs)
     ax = sparsity.axes[0]
-    data = next(c for c in ax.containers if c.get_label() == "adamw+fsam").lines[0]
+    data = next(line for line in ax.get_lines() if line.get_label() == "adamw+fsam")
     np.testing.assert_allclose(data.get_xdata(), [0.5, 0.9, 0.99])
     np.testing.assert_allclose(data.get_ydata(), [-0.1, 0.1, 0.3])
     reference = next(line for line in ax.get_lines() if line.get_label() == "adamw (reference)")
@@ -371,9 +371,37 @@ def test_training_curves_and_sweeps_read_run_directories(tmp_path):
         write_run(tmp_path / f"frac{f}", train_fraction=f, mcc=f / 2, seed=s) for f in (0.1, 1.0) for s in (1, 2)
     ]
     fig = metric_vs_train_fraction(fractions)
-    line = next(c for c in fig.axes[0].containers if c.get_label() == "adamw").lines[0]
+    line = next(line for line in fig.axes[0].get_lines() if line.get_label() == "adamw")
     np.testing.assert_allclose(line.get_xdata(), [0.1, 1.0])
     np.testing.assert_allclose(line.get_ydata(), [0.05, 0.5])  # the mean over the two seeds
+
+
+def test_sweeps_over_seeds_draw_bands_and_every_seed(tmp_path):
+    from figures.catalogue import figure_specs
+    from figures.runs import dev_metric_bands, metric_vs_sam_setting
+    from figures.sources import collect
+
+    runs = [write_run(tmp_path / f"rho{rho}-s{seed}", sam="sam", rho=rho, seed=seed, mcc=rho + seed / 100)
+            for rho in (0.01, 0.05, 0.1) for seed in (1, 2, 3)]  # fmt: skip
+    runs.append(write_run(tmp_path / "adamw", mcc=0.02, rho=0.05))
+    fig = metric_vs_sam_setting(runs, "rho")
+    ax = fig.axes[0]
+    mean = next(line for line in ax.get_lines() if line.get_label() == "adamw+sam")
+    np.testing.assert_allclose(mean.get_ydata(), [0.03, 0.07, 0.12])  # mean over the three seeds
+    band = ax.collections[0].get_paths()[0].vertices[:, 1]
+    spread = np.std([0.01, 0.02, 0.03])
+    assert band.min() == pytest.approx(0.03 - spread) and band.max() == pytest.approx(0.12 + spread)
+    assert sum(len(c.get_offsets()) for c in ax.collections[1:]) == 9  # every seed a dot
+    assert any(line.get_label() == "adamw (reference)" for line in ax.get_lines())
+    bands = dev_metric_bands(runs)
+    labels = [line.get_label() for line in bands.axes[0].get_lines() if not line.get_label().startswith("_")]
+    # one band per setting (ρ), over its three seeds; the sweep's settings are not mixed into one band
+    assert labels == ["adamw+sam rho=0.01 (n = 3)", "adamw+sam rho=0.05 (n = 3)", "adamw+sam rho=0.1 (n = 3)",
+                      "adamw (n = 1)"]  # fmt: skip
+    line = next(line for line in bands.axes[0].get_lines() if line.get_label() == labels[0])
+    np.testing.assert_allclose(line.get_xdata(), [20, 40, 60])
+    stems = [spec.stem for spec in figure_specs(collect(runs))]
+    assert "rho-cola" in stems and "dev-bands-cola" in stems
 
 
 def test_analyses_figures(tmp_path):
