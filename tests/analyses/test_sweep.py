@@ -100,3 +100,43 @@ def test_bad_specs_are_one_line(sections, message, tmp_path, tiny_model_dir, tin
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and message in err
     assert not (tmp_path / "out").exists()
+
+
+def test_kill_9_mid_sweep_then_rerun_finishes_with_the_uninterrupted_weights(tmp_path, tiny_model_dir, tiny_data_dir):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from safetensors.torch import load_file
+
+    spec = write_spec(tmp_path / "spec.yaml", tiny_model_dir, tiny_data_dir, grid={"seed": [1, 2, 3]})
+    text = yaml.safe_load(spec.read_text())
+    text["base"].update(max_steps=40, save_every=4)
+    spec.write_text(yaml.safe_dump(text))
+    assert main(["sweep", str(spec), "--out", str(tmp_path / "straight")]) == 0
+    out = tmp_path / "killed"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    process = subprocess.Popen([sys.executable, "-m", "landscape", "sweep", str(spec), "--out", str(out)], env=env,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)  # fmt: skip
+    second = out / "trials" / "seed=2" / "checkpoints"
+    deadline = time.monotonic() + 180
+    while process.poll() is None and time.monotonic() < deadline:
+        if second.is_dir() and any(p.name.startswith("step-") for p in second.iterdir()):
+            break
+        time.sleep(0.02)
+    process.send_signal(signal.SIGKILL)
+    _, stderr = process.communicate()
+    assert process.returncode == -signal.SIGKILL, f"the sweep ended by itself: {stderr[-2000:]}"
+    assert (out / "trials" / "seed=1" / "final.safetensors").is_file()  # the first trial had finished
+    assert not (out / "trials" / "seed=2" / "final.safetensors").exists()  # the second was mid-run
+    assert main(["sweep", str(spec), "--out", str(out)]) == 0
+    record = json.loads((out / "sweep.json").read_text())
+    assert all(t["status"] == "completed" for t in record["trials"].values())
+    for name in ("seed=1", "seed=2", "seed=3"):
+        a = load_file(str(out / "trials" / name / "final.safetensors"))
+        b = load_file(str(tmp_path / "straight" / "trials" / name / "final.safetensors"))
+        assert all(bool((a[k] == b[k]).all()) for k in a), name  # the resumed trial bitwise as the straight one
+    resumed = json.loads((out / "trials" / "seed=2" / "run.json").read_text())
+    assert resumed["resumed_from"] >= 4
