@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 
 from analyses.hessian import HessianOperator, name_filter, pyhessian_eigenvalues, pyhessian_trace
 from analyses.spectral import (
@@ -30,6 +31,7 @@ from landscape.core.locks import locks_output
 from landscape.core.params import content_hash, model_parameters
 from landscape.core.results import Result
 from landscape.models.jobs import AnalysisJob, DataSelection, evaluation_arrays, evaluation_meta
+from landscape.models.planning import Plan, median_seconds
 from landscape.models.runs import evaluate_subset, load_run_model
 
 KIND = "hessian"
@@ -270,3 +272,37 @@ def compute_hessian(
         **evaluation_meta(evaluation),
     )
     return job.save(arrays, meta), False
+
+
+def estimate_hessian(
+    run_path: str | Path,
+    options: HessianOptions | None = None,
+    *,
+    data: DataSelection | None = None,
+    weights: str = "final",
+    device: str = "cpu",
+    repeats: int = 2,
+) -> Plan:
+    """The :class:`~landscape.models.planning.Plan` of :func:`compute_hessian` (``--dry-run``): Hessian-vector
+    products timed on the run's model and examples, times the products the options ask for at most (Lanczos
+    ``max_iter`` plus its k residual checks, the trace probes, the density's vectors × steps); nothing is written."""
+    options = options or HessianOptions()
+    data = data or DataSelection(split="dev", samples=128)
+    run = data.open_run(run_path)
+    loaded = load_run_model(run, weights, attn_implementation="eager", device=device)
+    subset = data.subset(run, loaded.tokenizer)
+    operator = HessianOperator(
+        loaded.model, subset, parameter_filter=name_filter(options.params), method=options.method
+    )
+    k = options.top_k
+    lanczos_steps = options.max_iter or min(operator.dim, max(2 * k + 20, 40))
+    products = lanczos_steps + k
+    if options.trace:
+        products += options.trace_samples * (2 if options.trace_method == "both" else 1)
+    if options.density:
+        products += options.density_vectors * options.density_steps
+    vector = torch.ones(operator.dim, dtype=torch.float64, device=operator.device)  # any vector: the cost is the same
+    per_product = median_seconds(lambda: operator.matvec(vector), repeats)
+    operator.release()
+    what = f"Hessian of {run.path} ({operator.dim} parameters, {len(subset)} examples)"
+    return Plan(what, "Hessian-vector products", products, per_product, repeats, bound=True)

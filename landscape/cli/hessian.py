@@ -96,6 +96,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     add_data_arguments(parser, samples=128)
     add_output_arguments(parser)
     add_checkpoint_argument(parser)
+    parser.add_argument(
+        "--dry-run", action="store_true", help="time a few Hessian-vector products, print the cost, write nothing"
+    )
     parser.set_defaults(run=run)
 
 
@@ -117,6 +120,13 @@ def run(args: argparse.Namespace) -> int:
         method=args.method,
         params=args.params,
     )
+    if args.dry_run:
+        from analyses.curvature import estimate_hessian
+
+        plan = estimate_hessian(args.run_dir, options, data=data_selection(args), weights=args.weights,
+                                device=args.device)  # fmt: skip
+        print(plan.describe())
+        return 0
     result, skipped = compute_hessian(
         args.run_dir, args.out, options, data=data_selection(args), weights=args.weights,
         overwrite=args.overwrite, progress=args.progress, device=args.device,

@@ -65,6 +65,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     )
     add_output_arguments(parser)
     add_precision_argument(parser)
+    parser.add_argument(
+        "--dry-run", action="store_true", help="time a few cells on this machine, print the cost, write nothing"
+    )
     parser.set_defaults(run=run)
 
 
@@ -75,6 +78,13 @@ def run(args: argparse.Namespace) -> int:
     if len(args.grid) > 2 or any(n < 2 for n in args.grid):
         raise ConfigError(f"--grid takes N or N_A N_B, each >= 2, got {' '.join(map(str, args.grid))}")
     grid = args.grid[0] if len(args.grid) == 1 else (args.grid[0], args.grid[1])
+    if args.dry_run:
+        from landscape.geometry.surface import estimate_surface
+
+        plan = estimate_surface(args.run_dir, dims=args.dims, grid=grid, data=data_selection(args),
+                                weights=args.weights, device=args.device, precision=args.precision)  # fmt: skip
+        print(plan.describe())
+        return 0
     result = compute_surface(
         args.run_dir,
         args.out,

@@ -33,9 +33,10 @@ from landscape.geometry.directions import (
     random_direction,
     save_directions,
 )
-from landscape.geometry.grids import Cell, GridJob, chunked, make_executor
+from landscape.geometry.grids import Cell, CellEvaluator, GridJob, chunked, make_executor
 from landscape.models.devices import autocast_dtype, resolve_device
 from landscape.models.jobs import AnalysisJob, DataSelection
+from landscape.models.planning import Plan, median_seconds
 from landscape.models.runs import Run, load_run_model, open_run, read_run_weights
 from landscape.models.weights import read_safetensors
 
@@ -401,3 +402,28 @@ def compute_interpolation(
         progress=progress,
         chunk_size=chunk_size,
     )
+
+
+def estimate_surface(
+    run_path: str | Path,
+    *,
+    dims: int = 2,
+    grid: int | tuple[int, int] = 25,
+    data: DataSelection | None = None,
+    weights: str = "final",
+    device: str = "cpu",
+    precision: str = "fp32",
+    repeats: int = 3,
+) -> Plan:
+    """The :class:`~landscape.models.planning.Plan` of a surface (``--dry-run``): one cell is one evaluation of the
+    subset at a grid point, timed on the run's own model and examples; nothing is written."""
+    data = data or DataSelection()
+    n_a, n_b = (grid, grid) if isinstance(grid, int) else (int(grid[0]), int(grid[1]))
+    cells = n_a * (n_b if dims == 2 else 1)
+    run = data.open_run(run_path)
+    loaded = load_run_model(run, weights, device=device)
+    subset = data.subset(run, loaded.tokenizer)
+    zero = {name: torch.zeros_like(p) for name, p in loaded.model.named_parameters()}
+    with CellEvaluator(loaded.model, subset, [zero] * dims, precision=precision) as evaluator:
+        per_cell = median_seconds(lambda: evaluator([0.5] * dims), repeats)
+    return Plan(f"surface of {run.path} ({len(subset)} examples)", "cells", cells, per_cell, repeats)
