@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import os
 import re
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -153,11 +154,18 @@ def run_sweep(
     dispatch: Callable[[Sequence[str]], int] | None = None,
     progress: Callable[[str], None] = lambda line: print(line, flush=True),
     fisher: Any = None,
+    executor: str = "serial",
+    ray_address: str | None = None,
+    cpus_per_trial: int = 1,
+    gpus_per_trial: float = 0.0,
 ) -> dict[str, Any]:
     """Train every trial of the spec (skipping finished ones) and run its analyses; return the sweep record.
 
     ``dispatch`` runs a ``landscape`` command line (``landscape.cli.main.main``; the CLI hands it in), needed only
     when the spec has ``analyses``. ``fisher``: the FSAM mask provider (``analyses.fisher.EmpiricalFisherMask()``).
+    ``executor="ray"``: one Ray task per trial (``cpus_per_trial`` CPUs, which is also its torch thread count, and
+    ``gpus_per_trial`` GPUs; ``ray_address`` joins a cluster, else a local one is started and stopped), the record
+    written as each trial finishes; every trial is the same function of its config as in the serial executor.
     """
     out = Path(out)
     spec = read_spec(spec_path)
@@ -165,32 +173,89 @@ def run_sweep(
     configs = {trial.name: trial_config(spec, trial, out) for trial in trials}  # every trial checked before training
     if spec.get("analyses") and dispatch is None:
         raise ConfigError("the spec has analyses: run_sweep needs dispatch=landscape.cli.main.main")
-    record: dict[str, Any] = {"spec": spec, "trials": {}}
+    if executor not in ("serial", "ray"):
+        raise ConfigError(f"executor must be serial or ray, got {executor!r}")
+    if executor == "serial" and (ray_address is not None or gpus_per_trial):
+        raise ConfigError("--ray-address and --gpus-per-trial are only for --executor ray")
+    record: dict[str, Any] = {"spec": spec, "trials": {trial.name: None for trial in trials}}
     started = time.perf_counter()
-    for number, trial in enumerate(trials, start=1):
-        config = configs[trial.name]
-        run_dir = Path(config.out)
-        entry: dict[str, Any] = {"values": trial.values, "run_dir": str(run_dir)}
-        tick = time.perf_counter()
-        try:
-            skipped = has_run(run_dir) and is_complete(run_dir)
-            result = train(config, resume=has_run(run_dir), progress=False, fisher=fisher)
-            entry.update(status="completed", dev_metrics=result.dev_metrics, skipped=skipped)
-            for command, options in spec.get("analyses", {}).items():
-                code = dispatch(analysis_argv(command, run_dir, options))  # type: ignore[misc]
-                if code != 0:
-                    raise LandscapeError(f"landscape {command} exited with status {code}")
-        except LandscapeError as exc:  # a user-level failure of this trial; the others still run
-            entry.update(status="failed", error=str(exc))
-        entry["seconds"] = time.perf_counter() - tick
+    done = 0
+
+    def finished(trial: Trial, entry: dict[str, Any]) -> None:
+        nonlocal done
+        done += 1
         record["trials"][trial.name] = entry
-        write_json(out / SWEEP_FILE, record)
+        write_json(out / SWEEP_FILE, {**record, "trials": {k: v for k, v in record["trials"].items() if v}})
         state = "skipped (done)" if entry.get("skipped") else entry["status"]
         detail = f": {entry['error']}" if entry["status"] == "failed" else ""
-        progress(f"[{number}/{len(trials)}] {trial.name} {state}{detail}; {len(trials) - number} to go")
+        progress(f"[{done}/{len(trials)}] {trial.name} {state}{detail}; {len(trials) - done} to go")
+
+    analyses = dict(spec.get("analyses", {}))
+    if executor == "serial":
+        for trial in trials:
+            finished(trial, run_trial(trial, configs[trial.name], analyses, dispatch, fisher))
+    else:
+        _run_on_ray(trials, configs, analyses, dispatch, fisher, finished, ray_address, cpus_per_trial, gpus_per_trial)
     record["seconds"] = time.perf_counter() - started
     write_json(out / SWEEP_FILE, record)
     return record
+
+
+def run_trial(
+    trial: Trial, config: TrainConfig, analyses: Mapping[str, Any], dispatch: Callable | None, fisher: Any
+) -> dict[str, Any]:
+    """Train one trial (resuming it when interrupted; nothing to do when complete) and run its analyses."""
+    run_dir = Path(config.out)
+    entry: dict[str, Any] = {"values": trial.values, "run_dir": str(run_dir)}
+    tick = time.perf_counter()
+    try:
+        skipped = has_run(run_dir) and is_complete(run_dir)
+        result = train(config, resume=has_run(run_dir), progress=False, fisher=fisher)
+        entry.update(status="completed", dev_metrics=result.dev_metrics, skipped=skipped)
+        for command, options in analyses.items():
+            code = dispatch(analysis_argv(command, run_dir, options))  # type: ignore[misc]
+            if code != 0:
+                raise LandscapeError(f"landscape {command} exited with status {code}")
+    except LandscapeError as exc:  # a user-level failure of this trial; the others still run
+        entry.update(status="failed", error=str(exc))
+    entry["seconds"] = time.perf_counter() - tick
+    return entry
+
+
+def _trial_on_a_worker(trial, config, analyses, dispatch, fisher, threads):
+    import torch
+
+    torch.set_num_threads(threads)
+    return run_trial(trial, config, analyses, dispatch, fisher)
+
+
+def _run_on_ray(trials, configs, analyses, dispatch, fisher, finished, address, cpus, gpus) -> None:
+    try:
+        import ray
+    except ImportError:
+        raise ConfigError("--executor ray needs Ray: pip install 'landscape[ray]' (or pip install ray)") from None
+    if not (isinstance(cpus, int) and cpus >= 1) or not gpus >= 0:
+        raise ConfigError(f"expected --cpus-per-trial >= 1 and --gpus-per-trial >= 0, got {cpus} and {gpus}")
+    started_here = not ray.is_initialized()
+    if started_here:
+        options: dict[str, Any] = {"include_dashboard": False, "log_to_driver": False, "configure_logging": False}
+        options.update({"address": address} if address else {"num_cpus": max(cpus, os.cpu_count() or 1)})
+        try:
+            ray.init(**options)
+        except Exception as exc:  # a bad address, a cluster of another Ray version...
+            raise ConfigError(f"cannot start or join Ray (address {address!r}): {exc}") from exc
+    try:
+        if gpus > float(ray.cluster_resources().get("GPU", 0)):
+            raise ConfigError(f"--gpus-per-trial {gpus:g}: the Ray cluster has no GPU to give a trial")
+        task = ray.remote(num_cpus=cpus, num_gpus=gpus)(_trial_on_a_worker)
+        pending = {task.remote(trial, configs[trial.name], analyses, dispatch, fisher, cpus): trial for trial in trials}
+        while pending:
+            ready, _ = ray.wait(list(pending), num_returns=1)
+            trial = pending.pop(ready[0])
+            finished(trial, ray.get(ready[0]))
+    finally:
+        if started_here:
+            ray.shutdown()
 
 
 def iter_trial_dirs(sweep_dir: Path) -> Iterator[Path]:

@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from landscape.cli.common import positive_int
+
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
@@ -17,6 +19,12 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("spec", help="YAML with base:, grid:, zip: and analyses:")
     parser.add_argument("--out", required=True, help="sweep directory")
     parser.add_argument("--dry-run", action="store_true", help="list the trials, their state and their cost")
+    parser.add_argument("--executor", choices=("serial", "ray"), default="serial", help="where trials run")
+    parser.add_argument("--ray-address", help="join this Ray cluster (default: start a local one)")
+    parser.add_argument(
+        "--cpus-per-trial", type=positive_int, default=1, help="Ray: CPUs (and torch threads) of each trial"
+    )
+    parser.add_argument("--gpus-per-trial", type=float, default=0.0, help="Ray: GPUs of each trial (default 0)")
     parser.set_defaults(run=run)
 
 
@@ -33,7 +41,16 @@ def run(args: argparse.Namespace) -> int:
         todo = sum(row["state"] != "done" for row in rows)
         print(f"{len(rows)} trials, {todo} to train (seconds per step measured on the finished trials of a variant)")
         return 0
-    record = run_sweep(args.spec, args.out, dispatch=args.dispatch, fisher=EmpiricalFisherMask())
+    record = run_sweep(
+        args.spec,
+        args.out,
+        dispatch=args.dispatch,
+        fisher=EmpiricalFisherMask(),
+        executor=args.executor,
+        ray_address=args.ray_address,
+        cpus_per_trial=args.cpus_per_trial,
+        gpus_per_trial=args.gpus_per_trial,
+    )
     failed = [name for name, trial in record["trials"].items() if trial["status"] == "failed"]
     print(f"sweep {args.out}: {len(record['trials']) - len(failed)} trials completed, {len(failed)} failed")
     return 1 if failed else 0

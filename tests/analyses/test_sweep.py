@@ -140,3 +140,28 @@ def test_kill_9_mid_sweep_then_rerun_finishes_with_the_uninterrupted_weights(tmp
         assert all(bool((a[k] == b[k]).all()) for k in a), name  # the resumed trial bitwise as the straight one
     resumed = json.loads((out / "trials" / "seed=2" / "run.json").read_text())
     assert resumed["resumed_from"] >= 4
+
+
+def test_ray_runs_the_trials_as_the_serial_executor_does(tmp_path, tiny_model_dir, tiny_data_dir, capsys):
+    pytest.importorskip("ray", reason="Ray is an optional extra (pip install 'landscape[ray]')")
+    from safetensors.torch import load_file
+
+    spec = write_spec(tmp_path / "spec.yaml", tiny_model_dir, tiny_data_dir, grid={"sam": ["none", "sam"]},
+                      analyses={"sharpness": {"rho": 0.01, "sigma": 0.01, "pgd_steps": 1, "samples": 4}})  # fmt: skip
+    assert main(["sweep", str(spec), "--out", str(tmp_path / "serial")]) == 0
+    ray_args = ["sweep", str(spec), "--out", str(tmp_path / "ray"), "--executor", "ray", "--cpus-per-trial", "1"]
+    assert main(ray_args) == 0
+    printed = capsys.readouterr().out
+    assert "[2/2]" in printed and "0 to go" in printed
+    serial = json.loads((tmp_path / "serial" / "sweep.json").read_text())
+    on_ray = json.loads((tmp_path / "ray" / "sweep.json").read_text())
+    assert list(on_ray["trials"]) == list(serial["trials"])  # the spec's order, whatever order they finished in
+    for name in serial["trials"]:
+        assert on_ray["trials"][name]["status"] == "completed"
+        a = load_file(str(tmp_path / "ray" / "trials" / name / "final.safetensors"))
+        b = load_file(str(tmp_path / "serial" / "trials" / name / "final.safetensors"))
+        # one torch thread on a worker, two here: float32 reductions in another order, nothing more
+        assert max(float((a[k] - b[k]).abs().max()) for k in a) < 1e-6, name
+        assert (tmp_path / "ray" / "trials" / name / "analyses" / "sharpness" / "meta.json").is_file()
+    assert exit_status(["sweep", str(spec), "--out", str(tmp_path / "x"), "--gpus-per-trial", "1"]) == 2
+    assert "only for --executor ray" in capsys.readouterr().err
