@@ -23,6 +23,7 @@ from figures.interactive import surface_html_fragment
 from figures.landscapes import shared_range
 from figures.sources import Collection, ResultRecord, collect, group_by_task
 from figures.style import optimizer_colour, paper_style
+from figures.tables import Table, build_table, table_caption, table_lines
 from landscape.core.atomic import write_text
 from landscape.core.errors import ConfigError
 
@@ -160,6 +161,18 @@ def _png_data_uri(figure) -> str:
     return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
 
 
+def seeds_table(collection: Collection) -> Table | None:
+    """The papers' table (tasks × SAM variants, mean ± std over seeds) when some cell has two or more runs."""
+    paths = [run.path for run in collection.runs]
+    if len(paths) < 2:
+        return None
+    try:
+        table = build_table(paths, rows="task", cols="sam")
+    except ConfigError:  # runs of different metrics, or none completed: the per-run table says it all
+        return None
+    return table if any(len(cell.values) >= 2 for cell in table.cells.values()) else None
+
+
 def render_report(collection: Collection, *, title: str = "Loss landscape report", sources: Iterable[str] = ()) -> str:
     """The report page as one HTML string (no external resources)."""
     columns, rows = metrics_table(collection)
@@ -172,9 +185,16 @@ def render_report(collection: Collection, *, title: str = "Loss landscape report
         f"{len(collection.runs)} run(s) and {len(collection.results)} result(s): "
         + ", ".join(f"<code>{html.escape(str(s))}</code>" for s in sources)
         + "</p>",
-        "<h2>Metrics</h2>",
-        _table_html(columns, rows) if rows else "<p>No runs or results.</p>",
     ]
+    seeds = seeds_table(collection)
+    if seeds is not None:  # a sweep: the papers' table comes first
+        header, lines = table_lines(seeds, best="★ {}")
+        parts += [
+            f"<h2>Dev {html.escape(seeds.metric)} over seeds</h2>",
+            _table_html(header, [dict(zip(header, line, strict=True)) for line in lines]),
+            f"<p>{html.escape(table_caption(seeds))}; ★ the best mean of the row.</p>",
+        ]
+    parts += ["<h2>Metrics</h2>", _table_html(columns, rows) if rows else "<p>No runs or results.</p>"]
     specs = figure_specs(collection)
     if specs:
         parts.append("<h2>Figures</h2>")

@@ -128,6 +128,28 @@ def build_table(
     return Table(row_values, col_values, cells, names.pop() if names else "?", rows, cols, baseline)
 
 
+def table_lines(table: Table, *, best: str = "{}") -> tuple[list[str], list[list[str]]]:
+    """The header and the rows of cell texts; the best mean of each row formatted with ``best`` (``"**{}**"``)."""
+    header = [f"{table.row_key} \\ {table.col_key}", *map(str, table.cols), "Avg"]
+    lines = []
+    for row in table.rows:
+        means = {col: table.cells[row, col].mean for col in table.cols if (row, col) in table.cells}
+        top = max(means, key=means.get) if means else None
+        texts = []
+        for col in table.cols:
+            text = _cell_text(table, row, col)
+            texts.append(best.format(text) if col == top and len(means) > 1 else text)
+        lines.append([str(row), *texts, f"{100 * table.average(row):.1f}"])
+    return header, lines
+
+
+def table_caption(table: Table) -> str:
+    caption = f"dev {table.metric} × 100, mean ± std over seeds (n runs)"
+    if table.baseline is not None:
+        caption += f"; Δ: paired difference to {table.col_key}={table.baseline}, 95 % t interval"
+    return caption
+
+
 def _cell_text(table: Table, row: Any, col: Any) -> str:
     cell = table.cells.get((row, col))
     if cell is None:
@@ -145,21 +167,9 @@ def format_table(table: Table, fmt: str = "md") -> str:
     """The table as Markdown, CSV or LaTeX; the best mean of each row is bold (Markdown, LaTeX) or starred (CSV)."""
     if fmt not in FORMATS:
         raise ConfigError(f"format must be one of {', '.join(FORMATS)}, got {fmt!r}")
-    header = [f"{table.row_key} \\ {table.col_key}", *map(str, table.cols), "Avg"]
-    lines = []
-    for row in table.rows:
-        means = {col: table.cells[row, col].mean for col in table.cols if (row, col) in table.cells}
-        best = max(means, key=means.get) if means else None
-        texts = []
-        for col in table.cols:
-            text = _cell_text(table, row, col)
-            if col == best and len(means) > 1:
-                text = {"md": f"**{text}**", "latex": f"\\textbf{{{text}}}", "csv": f"{text} *"}[fmt]
-            texts.append(text)
-        lines.append([str(row), *texts, f"{100 * table.average(row):.1f}"])
-    caption = f"dev {table.metric} × 100, mean ± std over seeds (n runs)"
-    if table.baseline is not None:
-        caption += f"; Δ: paired difference to {table.col_key}={table.baseline}, 95 % t interval"
+    marks = {"md": "**{}**", "latex": "\\textbf{{{}}}", "csv": "{} *"}
+    header, lines = table_lines(table, best=marks[fmt])
+    caption = table_caption(table)
     if fmt == "csv":
         quote = lambda text: '"' + text.replace('"', '""') + '"'  # noqa: E731
         return "\n".join(",".join(quote(t) for t in line) for line in [header, *lines]) + "\n"

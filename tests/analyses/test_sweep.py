@@ -165,3 +165,16 @@ def test_ray_runs_the_trials_as_the_serial_executor_does(tmp_path, tiny_model_di
         assert (tmp_path / "ray" / "trials" / name / "analyses" / "sharpness" / "meta.json").is_file()
     assert exit_status(["sweep", str(spec), "--out", str(tmp_path / "x"), "--gpus-per-trial", "1"]) == 2
     assert "only for --executor ray" in capsys.readouterr().err
+
+
+def test_the_report_of_a_sweep_puts_its_table_and_the_sharpness_figure_first(sweep, tmp_path, capsys):
+    _, out = sweep
+    page = tmp_path / "report.html"
+    assert main(["report", str(out), "--out", str(page)]) == 0
+    capsys.readouterr()
+    text = page.read_text()
+    table, metrics, figure = (text.index(marker) for marker in ("over seeds</h2>", "<h2>Metrics", "sharpness-vs-dev"))
+    assert table < metrics < figure
+    assert text.count("(n=2)") == 2  # two seeds in each of the two cells (sam none, sam sam)
+    first_figure = text.index("<figure")
+    assert text.index('id="sharpness-vs-dev-metric"') == first_figure + len("<figure ")
