@@ -28,7 +28,7 @@ from landscape.core.locks import locks_output
 from landscape.core.rundir import SWEEP_FILE, TRIALS_DIR, has_run, is_complete, read_run_info
 from landscape.data.tasks import get_task, load_split, resolve_data_dir
 from landscape.training.config import TrainConfig, refuse_renamed
-from landscape.training.loop import train
+from landscape.training.loop import time_training_steps, train
 
 ANALYSES = ("surface", "interpolate", "hessian", "fisher", "sharpness")
 SPEC_KEYS = ("base", "grid", "zip", "analyses")
@@ -114,8 +114,10 @@ def analysis_argv(command: str, trial_dir: Path, options: Mapping[str, Any] | No
     return argv
 
 
-def plan(spec: Mapping[str, Any], out: Path) -> list[dict[str, Any]]:
-    """For ``--dry-run``: each trial's name, state, steps and, where a finished trial measured it, seconds/step."""
+def plan(spec: Mapping[str, Any], out: Path, *, calibrate: bool = False, fisher: Any = None) -> list[dict[str, Any]]:
+    """For ``--dry-run``: each trial's name, state, steps and seconds per step: measured by a finished trial of its
+    variant, or with ``calibrate`` timed now (:func:`~landscape.training.loop.time_training_steps`, once per
+    variant, nothing written); ``seconds_source`` says which."""
     measured: dict[str, float] = {}
     rows = []
     for trial in trials_of(spec):
@@ -131,6 +133,13 @@ def plan(spec: Mapping[str, Any], out: Path) -> list[dict[str, Any]]:
                      "steps": planned_steps(config)})  # fmt: skip
     for row in rows:
         row["seconds_per_step"] = measured.get(row["sam"])
+        row["seconds_source"] = "finished trials" if row["seconds_per_step"] else None
+        if row["seconds_per_step"] is None and calibrate and row["state"] != "done":
+            timed = time_training_steps(row["config"], fisher=fisher)
+            measured[row["sam"]] = timed
+            row.update(seconds_per_step=timed, seconds_source="timed now")
+        elif row["seconds_per_step"] is not None and row["seconds_source"] is None:
+            row["seconds_source"] = "timed now"
     return rows
 
 

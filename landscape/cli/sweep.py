@@ -33,13 +33,20 @@ def run(args: argparse.Namespace) -> int:
     from analyses.sweep import plan, read_spec, run_sweep
 
     if args.dry_run:
-        rows = plan(read_spec(args.spec), Path(args.out))
+        rows = plan(read_spec(args.spec), Path(args.out), calibrate=True, fisher=EmpiricalFisherMask())
+        total = 0.0
         for row in rows:
             config, steps, per_step = row["config"], row["steps"], row["seconds_per_step"]
-            cost = f"~{per_step * steps:.0f} s" if per_step and steps else "time unknown until a trial of it finishes"
+            cost = "time unknown"
+            if per_step and steps:
+                cost = f"~{per_step * steps:.0f} s ({per_step:.3g} s/step, {row['seconds_source']})"
+                total += per_step * steps if row["state"] != "done" else 0.0
             print(f"{row['name']}: {row['state']}, {config.sam} on {config.task}, {steps or '?'} steps, {cost}")
         todo = sum(row["state"] != "done" for row in rows)
-        print(f"{len(rows)} trials, {todo} to train (seconds per step measured on the finished trials of a variant)")
+        print(
+            f"{len(rows)} trials, {todo} to train, ~{total / 60:.1f} min of training on this machine (seconds per "
+            "step from the variant's finished trials, else 2 steps timed now; analyses and evaluations not counted)"
+        )
         return 0
     record = run_sweep(
         args.spec,

@@ -45,9 +45,10 @@ from landscape.core.rundir import (
 from landscape.data.encoding import EncodedSplit, collate, default_cache_dir, encode_split
 from landscape.data.losses import per_example_loss
 from landscape.data.tasks import TaskSpec, get_task, load_split, resolve_data_dir, subsample_indices
-from landscape.models.devices import autocast_dtype
+from landscape.models.devices import autocast_dtype, resolve_device
 from landscape.models.evaluation import evaluate
 from landscape.models.loading import load_model, load_tokenizer
+from landscape.models.planning import median_seconds
 from landscape.models.weights import load_weights_into, save_weights
 from landscape.training.checkpoints import list_checkpoints, load_training_state, save_training_state
 from landscape.training.config import TrainConfig, comparable
@@ -55,7 +56,7 @@ from landscape.training.distributed import check_world, data_parallel, on_rank_z
 from landscape.training.init_from import freeze_all_but_head, load_encoder_from
 from optimizers import BatchClosure, NonFiniteLossError, SharpnessAware, make_base_optimizer, make_sharpness_optimizer
 from optimizers.loss_scale import DynamicLossScale
-from optimizers.replicas import Replicas
+from optimizers.replicas import SINGLE, Replicas
 
 
 @dataclass(frozen=True)
@@ -416,6 +417,28 @@ def _train(
         shutil.rmtree(checkpoints_dir, ignore_errors=True)
     replicas.barrier()  # every process returns once the run directory is complete
     return TrainResult(run_dir, dev_metrics, total_steps, resumed_from)
+
+
+def time_training_steps(config: TrainConfig, *, steps: int = 2, fisher: FisherMaskProvider | None = None) -> float:
+    """Median seconds of one training step of ``config`` on this machine (its model, data, optimizer, batch size,
+    device and precision), after one untimed step; nothing is written. FSAM's mask refreshes (every F_i steps) are
+    not in it; with ``fisher`` the first one is made before timing, so the masked step is what is timed."""
+    config = config.resolved()
+    data = prepare_data(config)
+    loaded = load_model(config.model, data.task, seed=config.seed, dropout=config.dropout)
+    model = loaded.model.to(resolve_device(config.device))
+    optimizer = build_optimizer(config, model)
+    if config.uses_fisher_mask and fisher is not None:
+        refresh_fisher_mask(model, optimizer, data, config, 0, fisher, SINGLE)
+    set_train_mode(model, config)
+    autocast = autocast_dtype(config.precision)
+    counter = iter(range(steps + 1))
+
+    def one_step() -> None:
+        indices = batch_indices(len(data.train), config.batch_size, config.seed, next(counter))
+        optimizer.step(batch_closure(model, collate(data.train, indices, data.pad_token_id), autocast=autocast))
+
+    return median_seconds(one_step, steps)
 
 
 def build_optimizer(

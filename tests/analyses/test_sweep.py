@@ -178,3 +178,13 @@ def test_the_report_of_a_sweep_puts_its_table_and_the_sharpness_figure_first(swe
     assert text.count("(n=2)") == 2  # two seeds in each of the two cells (sam none, sam sam)
     first_figure = text.index("<figure")
     assert text.index('id="sharpness-vs-dev-metric"') == first_figure + len("<figure ")
+
+
+def test_a_dry_run_times_two_steps_of_each_variant_without_a_finished_trial(tmp_path, tiny_model_dir, tiny_data_dir,
+                                                                            capsys):  # fmt: skip
+    spec = write_spec(tmp_path / "spec.yaml", tiny_model_dir, tiny_data_dir, grid={"sam": ["none", "sam"]})
+    out = tmp_path / "out"
+    assert main(["sweep", str(spec), "--out", str(out), "--dry-run"]) == 0
+    printed = capsys.readouterr().out
+    assert printed.count("s/step, timed now)") == 2 and "2 trials, 2 to train, ~" in printed
+    assert not (out / "trials").exists() and not (out / "sweep.json").exists()  # nothing trained or recorded
