@@ -80,8 +80,11 @@ def max_difference(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> fl
         {"sam": "fsam", "mask_interval": 2, "fisher_samples": 16, "sparsity": 0.5},
         {"sam": "delta-sam", "delta_beta": 10.0},
         {"sam": "sam", "grad_accum": 2},
+        {"sam": "esam", "esam_gamma": 0.5},
+        {"sam": "gsam", "gsam_alpha": 0.3},
+        {"sam": "looksam", "looksam_k": 2},
     ],
-    ids=["adamw", "sam", "fsam", "delta-sam", "sam-grad-accum"],
+    ids=["adamw", "sam", "fsam", "delta-sam", "sam-grad-accum", "esam", "gsam", "looksam"],
 )
 def test_two_processes_give_the_weights_of_one_process_on_the_global_batch(
     variant, tiny_model_dir, tiny_data_dir, tmp_path
