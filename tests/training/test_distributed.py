@@ -83,8 +83,9 @@ def max_difference(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> fl
         {"sam": "esam", "esam_gamma": 0.5},
         {"sam": "gsam", "gsam_alpha": 0.3},
         {"sam": "looksam", "looksam_k": 2},
+        {"sam": "asam", "eta": 0.01},
     ],
-    ids=["adamw", "sam", "fsam", "delta-sam", "sam-grad-accum", "esam", "gsam", "looksam"],
+    ids=["adamw", "sam", "fsam", "delta-sam", "sam-grad-accum", "esam", "gsam", "looksam", "asam"],
 )
 def test_two_processes_give_the_weights_of_one_process_on_the_global_batch(
     variant, tiny_model_dir, tiny_data_dir, tmp_path
