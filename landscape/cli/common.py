@@ -120,7 +120,10 @@ def add_executor_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def add_precision_argument(parser: argparse.ArgumentParser) -> None:
-    """``--precision``: the forward passes of an evaluation in fp32 (default) or under bf16 / fp16 autocast."""
+    """``--precision``: the forward passes of an evaluation in fp32 (default) or under bf16 / fp16 autocast.
+
+    Only for evaluations (eval, surfaces, interpolations): curvature and Fisher stay in full precision
+    (docs/pitfalls.md §29)."""
     parser.add_argument(
         "--precision",
         choices=PRECISIONS,
