@@ -2,8 +2,9 @@
 
     HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/gpu_check.py --data-dir ../shared/data [--device cuda] [--steps 200]
 
-1. MiniLM on SST-2 (real data): AdamW, SAM and FSAM for ``--steps`` steps in fp32, bf16 and fp16 on ``--device`` (fp32 only on a CPU); for each,
-   throughput (training examples per second), the SAM / AdamW and FSAM / AdamW time ratios, and the peak GPU memory;
+1. MiniLM on SST-2 (real data): AdamW, SAM and FSAM for ``--steps`` steps in fp32, bf16 and fp16 (with the loss
+   scale of ``optimizers/loss_scale.py``) on ``--device`` (fp32 only on a CPU); for each, throughput (training
+   examples per second), the SAM / AdamW and FSAM / AdamW time ratios, and the peak GPU memory;
 2. the first ``--cpu-steps`` steps of each fp32 run again on the CPU: the largest relative difference of the
    per-step training losses (float32 on two devices: expect about 1e-5, not 0);
 3. a 25 x 25 surface of the fp32 AdamW run over 64 dev examples, and its Hessian top-5 eigenvalues and trace.
