@@ -536,7 +536,7 @@ def refresh_fisher_mask(
     config: TrainConfig,
     step: int,
     fisher: FisherMaskProvider,
-    replicas: Replicas,
+    replicas: Replicas = SINGLE,
 ) -> dict[str, Any]:
     """FSAM Algorithm 1, lines 6–11: empirical Fisher on N_Fisher sampled training examples, top-(1−s) mask.
 
