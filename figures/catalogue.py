@@ -144,7 +144,11 @@ def figure_specs(collection: Collection) -> list[FigureSpec]:
             )
         sam_runs = [run for run in completed if run.config.get("sam", "none") != "none"]
         for parameter in SAM_SWEEPS:
-            if _distinct(run.config.get(parameter) for run in sam_runs) >= 2:
+            # swept: one variant ran at two values or more (not: each variant at its own value, as a zip does)
+            if any(
+                _distinct(run.config.get(parameter) for run in sam_runs if run.label == label) >= 2
+                for label in {run.label for run in sam_runs}
+            ):
                 specs.append(
                     FigureSpec(
                         f"{parameter.replace('_', '-')}-{slug(task)}",

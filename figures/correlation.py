@@ -157,10 +157,17 @@ def sharpness_vs_metric(collection: Collection, *, metric: str | None = None, se
             ax.scatter(finite([p.measures[name] for p in mine]), finite([p.metric for p in mine]), s=14,
                        color=style["color"], marker=style.get("marker", "o"), label=label)  # fmt: skip
         interval = "" if math.isnan(low) else f" [{low:.2f}, {high:.2f}]"
-        ax.set_title(f"τ = {tau:.2f}{interval}, n = {len(chosen)}", fontsize="small")
+        ax.set_title(f"τ = {tau:.2f}{interval}\nn = {len(chosen)}", fontsize="small")  # two lines: narrow panels
         ax.set_xlabel(name)
         ax.set_ylabel("dev " + _metric_name(collection.runs, metric))
-    for ax in axes[len(names) :]:
+    spare = axes[len(names) :]
+    for ax in spare:
         ax.set_visible(False)
-    axes[0].legend(loc="best", fontsize="x-small")
+    handles, labels = axes[0].get_legend_handles_labels()
+    if len(spare):  # the legend in the empty panel, clear of the points
+        spare[0].set_visible(True)
+        spare[0].axis("off")
+        spare[0].legend(handles, labels, loc="center", fontsize="x-small")
+    else:
+        axes[0].legend(handles, labels, loc="best", fontsize="x-small")
     return fig

@@ -82,7 +82,7 @@ def test_runs_are_paired_with_their_own_results_and_the_figure_comes_first(tmp_p
     specs = figure_specs(collection)
     assert specs[0].stem == "sharpness-vs-dev-metric"
     fig = sharpness_vs_metric(collection)
-    titles = [ax.get_title() for ax in fig.axes if ax.get_visible()]
+    titles = [ax.get_title() for ax in fig.axes if ax.get_visible() and ax.get_title()]
     expected = kendall_tau(sharpness, accuracy)
     assert expected == pytest.approx(-0.8)  # 9 of the 10 pairs discordant: flatter runs generalise better here
     assert any(title.startswith(f"τ = {expected:.2f} [") and title.endswith("n = 5") for title in titles)
