@@ -3,6 +3,7 @@
 - :func:`make_base_optimizer` builds AdamW, Adam, AMSGrad, Adagrad or SGD with decay / no-decay groups;
 - :class:`ClosureOptimizer` wraps any base optimizer instance: ``step(closure)`` evaluates the per-example
   losses of the current batch, back-propagates their mean, clips, and steps the base optimizer;
+- :class:`DynamicLossScale` (fp16) and :class:`Replicas` (data-parallel processes) are what a step may be handed;
 - :class:`SharpnessAware` is the sharpness-aware core on the same contract, running a variant's pieces
   (:mod:`optimizers.pieces`); :func:`make_sharpness_optimizer` builds an entry of the registry
   (:data:`VARIANTS`, :mod:`optimizers.variants`) by name.
@@ -23,6 +24,9 @@ _EXPORTS = {
     "ClosureOptimizer": "optimizers.closure",
     "NonFiniteLossError": "optimizers.closure",
     "delta_sam_weights": "optimizers.pieces",
+    "DynamicLossScale": "optimizers.loss_scale",
+    "ProcessGroupReplicas": "optimizers.replicas",
+    "Replicas": "optimizers.replicas",
     "SharpnessAware": "optimizers.sam",
     "StepReport": "optimizers.sam",
     "make_sharpness_optimizer": "optimizers.sam",
