@@ -14,6 +14,7 @@ again gives arrays bitwise equal to an uninterrupted one.
 from __future__ import annotations
 
 import sys
+import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -24,7 +25,7 @@ import torch
 from landscape.core.errors import ConfigError
 from landscape.core.locks import locks_output
 from landscape.core.params import check_same_keys_and_shapes, content_hash
-from landscape.core.results import Result, new_grid
+from landscape.core.results import Result, new_grid, save_result
 from landscape.geometry.directions import (
     NORMS,
     checkpoint_direction,
@@ -426,4 +427,10 @@ def estimate_surface(
     zero = {name: torch.zeros_like(p) for name, p in loaded.model.named_parameters()}
     with CellEvaluator(loaded.model, subset, [zero] * dims, precision=precision) as evaluator:
         per_cell = median_seconds(lambda: evaluator([0.5] * dims), repeats)
+    # The serial executor saves the grid after every cell: time such a save too, into a temporary folder.
+    shape = (n_b, n_a) if dims == 2 else (n_a,)
+    grid_arrays = {"loss": np.zeros(shape), "metric": np.zeros(shape), "done": np.zeros(shape, dtype=bool)}
+    with tempfile.TemporaryDirectory() as scratch:
+        meta = {"versions": {}, "git_revision": None}
+        per_cell += median_seconds(lambda: save_result(Result("surface", grid_arrays, meta), scratch), repeats)
     return Plan(f"surface of {run.path} ({len(subset)} examples)", "cells", cells, per_cell, repeats)
