@@ -114,11 +114,24 @@ def analysis_argv(command: str, trial_dir: Path, options: Mapping[str, Any] | No
     return argv
 
 
+# What a step's cost depends on: trials equal in these share one measured (or timed) seconds-per-step; seeds, ρ,
+# β, learning rates and the like do not change the work a step does.
+COST_OPTIONS = (
+    "task", "model", "sam", "batch_size", "max_length", "ascent_fraction", "m_sharpness", "grad_accum",
+    "precision", "device", "fisher_mask", "fisher_samples", "mask_interval", "looksam_k", "freeze_encoder",
+)  # fmt: skip
+
+
+def cost_key(config: TrainConfig) -> tuple:
+    """The options of ``config`` that change what one training step costs (:data:`COST_OPTIONS`)."""
+    return tuple(getattr(config, name) for name in COST_OPTIONS)
+
+
 def plan(spec: Mapping[str, Any], out: Path, *, calibrate: bool = False, fisher: Any = None) -> list[dict[str, Any]]:
-    """For ``--dry-run``: each trial's name, state, steps and seconds per step: measured by a finished trial of its
-    variant, or with ``calibrate`` timed now (:func:`~landscape.training.loop.time_training_steps`, once per
-    variant, nothing written); ``seconds_source`` says which."""
-    measured: dict[str, float] = {}
+    """For ``--dry-run``: each trial's name, state, steps and seconds per step: measured by a finished trial of the
+    same cost (:func:`cost_key`), or with ``calibrate`` timed now (:func:`~landscape.training.loop.time_training_steps`,
+    once per cost, nothing written); ``seconds_source`` says which ("finished trials" or "timed now")."""
+    measured: dict[tuple, tuple[float, str]] = {}
     rows = []
     for trial in trials_of(spec):
         config = trial_config(spec, trial, out)
@@ -128,18 +141,14 @@ def plan(spec: Mapping[str, Any], out: Path, *, calibrate: bool = False, fisher:
             info = read_run_info(run_dir)
             timings, steps = info.get("timings", {}), info.get("total_steps")
             if timings.get("train_seconds") and steps:
-                measured[config.sam] = float(timings["train_seconds"]) / float(steps)
+                measured[cost_key(config)] = (float(timings["train_seconds"]) / float(steps), "finished trials")
         rows.append({"name": trial.name, "state": state, "sam": config.sam, "config": config,
                      "steps": planned_steps(config)})  # fmt: skip
     for row in rows:
-        row["seconds_per_step"] = measured.get(row["sam"])
-        row["seconds_source"] = "finished trials" if row["seconds_per_step"] else None
-        if row["seconds_per_step"] is None and calibrate and row["state"] != "done":
-            timed = time_training_steps(row["config"], fisher=fisher)
-            measured[row["sam"]] = timed
-            row.update(seconds_per_step=timed, seconds_source="timed now")
-        elif row["seconds_per_step"] is not None and row["seconds_source"] is None:
-            row["seconds_source"] = "timed now"
+        key = cost_key(row["config"])
+        if key not in measured and calibrate and row["state"] != "done":
+            measured[key] = (time_training_steps(row["config"], fisher=fisher), "timed now")
+        row["seconds_per_step"], row["seconds_source"] = measured.get(key, (None, None))
     return rows
 
 

@@ -11,7 +11,7 @@ from landscape.geometry.grids import EXECUTORS
 from landscape.models.adapters import SUBSPACES
 from landscape.models.devices import PRECISIONS
 from landscape.models.jobs import DataSelection
-from landscape.models.runs import SPLITS
+from landscape.models.runs import SPLITS, WEIGHTS
 
 RUN_HELP = (
     "run directory written by landscape train, or a model checkpoint: a Hugging Face folder (save_pretrained, "
@@ -28,6 +28,27 @@ def positive_int(text: str) -> int:
     if value <= 0:
         raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
     return value
+
+
+def positive_float(text: str) -> float:
+    """argparse type: a finite number > 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}") from None
+    if not (value > 0 and math.isfinite(value)):
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text}")
+    return value
+
+
+def add_weights_argument(parser: argparse.ArgumentParser) -> None:
+    """``--weights {final,init}``: which of a run's weights are analysed (θ1 or θ0)."""
+    parser.add_argument(
+        "--weights",
+        choices=WEIGHTS,
+        default="final",
+        help="the run's final weights (θ1, default) or init (θ0; for a checkpoint: --init's)",
+    )
 
 
 def add_data_arguments(parser: argparse.ArgumentParser, *, samples: int | None, split: str = "dev") -> None:

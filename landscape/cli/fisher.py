@@ -9,6 +9,7 @@ from landscape.cli.common import (
     add_checkpoint_argument,
     add_data_arguments,
     add_output_arguments,
+    add_weights_argument,
     data_selection,
     positive_int,
 )
@@ -34,7 +35,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         choices=("final", "init"),
         help="which weights of RUN2 (default final); alone: compare with RUN's own",
     )
-    parser.add_argument("--weights", choices=("final", "init"), default="final", help="the run's final or init weights")
+    add_weights_argument(parser)
     parser.add_argument(
         "--fisher-mode",
         choices=("per-example", "batch-mean"),

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import math
 
 from analyses.curvature import BACKENDS, TRACE_METHODS, HessianOptions, compute_hessian
 from analyses.hessian import HVP_METHODS
@@ -13,21 +12,11 @@ from landscape.cli.common import (
     add_checkpoint_argument,
     add_data_arguments,
     add_output_arguments,
+    add_weights_argument,
     data_selection,
+    positive_float,
     positive_int,
 )
-from landscape.models.runs import WEIGHTS
-
-
-def positive_float(text: str) -> float:
-    """argparse type: a finite number > 0."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}") from None
-    if not (value > 0 and math.isfinite(value)):
-        raise argparse.ArgumentTypeError(f"expected a positive number, got {text}")
-    return value
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -39,7 +28,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         "density by stochastic Lanczos quadrature. The model is loaded with eager attention (double backward).",
     )
     parser.add_argument("run_dir", metavar="RUN", help=RUN_HELP)
-    parser.add_argument("--weights", choices=WEIGHTS, default="final", help="final (θ1, default) or init (θ0)")
+    add_weights_argument(parser)
     parser.add_argument("--top-k", type=positive_int, default=5, help="number of eigenvalues (default 5)")
     parser.add_argument(
         "--which",

@@ -10,6 +10,7 @@ from landscape.cli.common import (
     add_checkpoint_argument,
     add_data_arguments,
     add_output_arguments,
+    add_weights_argument,
     data_selection,
     positive_int,
 )
@@ -59,7 +60,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--trace-samples", type=int, default=0, help="Hutchinson samples of the Hessian trace (default 0: none)"
     )
-    parser.add_argument("--weights", choices=("final", "init"), default="final", help="the run's final or init weights")
+    add_weights_argument(parser)
     parser.add_argument("--batch-size", type=positive_int, default=32, help="evaluation batch size (default 32)")
     add_data_arguments(parser, samples=256, split="train")
     add_output_arguments(parser)

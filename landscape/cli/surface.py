@@ -10,6 +10,7 @@ from landscape.cli.common import (
     add_executor_arguments,
     add_output_arguments,
     add_precision_argument,
+    add_weights_argument,
     check_range,
     data_selection,
     positive_int,
@@ -53,7 +54,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         help="zero direction for biases and LayerNorm (default: on, as Li et al.)",
     )
     parser.add_argument("--orthogonal", action="store_true", help="orthogonalise the second direction")
-    parser.add_argument("--weights", choices=("final", "init"), default="final", help="θ: the run's final or init")
+    add_weights_argument(parser)
     parser.add_argument("--batch-size", type=positive_int, default=32, help="evaluation batch size")
     add_data_arguments(parser, samples=256)
     add_executor_arguments(parser)

@@ -12,7 +12,7 @@ from __future__ import annotations
 import hashlib
 import os
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +22,7 @@ from torch import nn
 
 from landscape.core.errors import CheckpointError, ConfigError
 from landscape.core.params import model_parameters
-from landscape.core.rundir import RUN_FILE, read_run_info
+from landscape.core.rundir import RUN_FILE, find_run_dir, read_run_info
 from landscape.data.encoding import EncodedSplit, collate, default_cache_dir, encode_split
 from landscape.data.metrics import compute_metrics
 from landscape.data.tasks import TaskSpec, get_task, load_split, resolve_data_dir, seeded_indices
@@ -30,7 +30,7 @@ from landscape.models.adapters import adapter_base, check_subspace, is_adapter, 
 from landscape.models.devices import resolve_device
 from landscape.models.evaluation import outputs_over
 from landscape.models.loading import LoadedModel, check_compatible, load_model, quiet_transformers, resolve_model_path
-from landscape.models.weights import load_weights_into, read_safetensors
+from landscape.models.weights import PICKLE_SUFFIXES, load_weights_into, read_safetensors
 
 SPLITS = ("train", "dev")
 WEIGHTS = ("final", "init")
@@ -41,7 +41,9 @@ class Run:
     """What an analysis is run on: a run directory (``source="run"``, what its ``run.json`` says, with the command
     line's overrides applied), or a model checkpoint (``source="checkpoint"``): a Hugging Face folder written by
     ``save_pretrained``, a Trainer ``checkpoint-N/`` folder, or a hub name, whose own weights are θ1 and whose θ0
-    (where asked for) is ``init_model``'s encoder with a fresh head seeded by 0, as a run started from it would have.
+    (where asked for) is ``init_model``'s encoder with a fresh head seeded by 0, as a run started from it would have;
+    or a PEFT adapter folder (``source="adapter"``); or one ``.safetensors`` file (``source="file"``: θ1 is the file,
+    the rest is the run directory's it lies in, else ``--task`` and ``--model``'s). ``path`` reopens it.
     """
 
     path: Path
@@ -50,9 +52,10 @@ class Run:
     model: str  # alias, folder or hub name of the architecture and tokenizer
     data_dir: Path | None  # None: the hub
     max_length: int
-    source: str = "run"  # "run", "checkpoint" or "adapter" (a PEFT adapter folder, landscape.models.adapters)
+    source: str = "run"  # "run", "checkpoint", "adapter" (a PEFT adapter folder) or "file" (one .safetensors file)
     init_model: str | None = None  # a checkpoint's θ0: the pretrained model it was fine-tuned from (--init)
     subspace: str = "full"  # an adapter's parameter space: "full" (merged) or "adapter" (its weights alone)
+    run_dir: Path | None = None  # source "file" (path is the file, θ1): the run directory it lies in, if any
 
     @property
     def label(self) -> str:
@@ -68,6 +71,12 @@ class Run:
             raise ConfigError(f"weights must be one of {', '.join(WEIGHTS)}, got {which!r}")
         if self.source == "adapter":
             raise CheckpointError(f"{self.path} is a PEFT adapter folder: it has no {which}.safetensors file")
+        if self.source == "file":
+            if which == "final":
+                return self.path
+            if self.run_dir is None:
+                raise CheckpointError(f"{self.path} lies in no run directory: it has no {which}.safetensors beside it")
+            return Run.weights_file(replace(self, path=self.run_dir, source="run"), which)
         if self.source == "checkpoint":
             single = self.path / "model.safetensors"
             if which == "final" and single.is_file():
@@ -111,9 +120,11 @@ def open_run(
 
     ``path`` may also be a model checkpoint (see :class:`Run`): then ``task`` is required and ``init`` names the
     pretrained model θ0 comes from; or a PEFT adapter folder, analysed in ``subspace`` (``full``: merged into its
-    base; ``adapter``: its own weights alone).
+    base; ``adapter``: its own weights alone); or one ``.safetensors`` file (:func:`open_weights_file`).
     """
     check_subspace(subspace)
+    if Path(path).is_file():
+        return open_weights_file(path, task=task, data_dir=data_dir, model=model)
     if is_adapter(path):
         return open_adapter(path, task=task, data_dir=data_dir, subspace=subspace)
     if subspace != "full":
@@ -136,6 +147,31 @@ def open_run(
         model=model_name,
         data_dir=resolve_data_dir(chosen_dir),
         max_length=int(config.get("max_length", 128)),
+    )
+
+
+def open_weights_file(path: str | Path, *, task: str | None, data_dir: str | Path | None, model: str | None) -> Run:
+    """A :class:`Run` whose θ1 is one ``.safetensors`` file: inside a run directory (an intermediate
+    ``checkpoints/step-N/model.safetensors``, ``init.safetensors``) it is that run's with the file as its weights;
+    alone, ``task`` and ``model`` (the architecture) are required. Pickles are refused unopened."""
+    path = Path(path)
+    if path.suffix.lower() in PICKLE_SUFFIXES:
+        read_safetensors(path)  # raises: the one refusal of a pickle, before anything is read from it
+    run_dir = find_run_dir(path.parent)
+    if run_dir is not None:
+        run = open_run(run_dir, task=task, data_dir=data_dir, model=model)
+        return replace(run, path=path, source="file", run_dir=run_dir)
+    if not task or not model:
+        missing = " and ".join(flag for flag, value in (("--task", task), ("--model", model)) if not value)
+        raise ConfigError(f"{path} belongs to no run (no run.json above it); pass {missing} for its task and model")
+    return Run(
+        path=path,
+        config={},
+        task=get_task(task),
+        model=model,
+        data_dir=resolve_data_dir(data_dir),
+        max_length=128,
+        source="file",
     )
 
 
@@ -269,7 +305,7 @@ def load_checkpoint_model(run: Run, weights: str, *, attn_implementation: str | 
 def read_run_weights(run: Run, model: nn.Module, weights: str = "final") -> dict[str, torch.Tensor]:
     """The run's ``weights`` as a params dict keyed like ``model``'s parameters (checked to match)."""
     expected = {name: p.detach() for name, p in model_parameters(model).items()}
-    if run.source != "run":
+    if run.source not in ("run", "file"):
         found = {name: p.detach().clone() for name, p in model_parameters(load_run_model(run, weights).model).items()}
         check_compatible(expected, found, f"the {weights} weights of {run.path}")
         return {name: found[name].to(expected[name].dtype) for name in expected}

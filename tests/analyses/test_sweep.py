@@ -6,8 +6,9 @@ import json
 import numpy as np
 import pytest
 import yaml
-from helpers import exit_status
+from helpers import exit_status, kill_9_when
 
+from analyses.sweep import cost_key, plan, read_spec
 from figures.tables import build_table, format_table
 from landscape.cli.main import main
 
@@ -103,11 +104,6 @@ def test_bad_specs_are_one_line(sections, message, tmp_path, tiny_model_dir, tin
 
 
 def test_kill_9_mid_sweep_then_rerun_finishes_with_the_uninterrupted_weights(tmp_path, tiny_model_dir, tiny_data_dir):
-    import os
-    import signal
-    import subprocess
-    import sys
-    import time
 
     from safetensors.torch import load_file
 
@@ -117,18 +113,9 @@ def test_kill_9_mid_sweep_then_rerun_finishes_with_the_uninterrupted_weights(tmp
     spec.write_text(yaml.safe_dump(text))
     assert main(["sweep", str(spec), "--out", str(tmp_path / "straight")]) == 0
     out = tmp_path / "killed"
-    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    process = subprocess.Popen([sys.executable, "-m", "landscape", "sweep", str(spec), "--out", str(out)], env=env,
-                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)  # fmt: skip
     second = out / "trials" / "seed=2" / "checkpoints"
-    deadline = time.monotonic() + 180
-    while process.poll() is None and time.monotonic() < deadline:
-        if second.is_dir() and any(p.name.startswith("step-") for p in second.iterdir()):
-            break
-        time.sleep(0.02)
-    process.send_signal(signal.SIGKILL)
-    _, stderr = process.communicate()
-    assert process.returncode == -signal.SIGKILL, f"the sweep ended by itself: {stderr[-2000:]}"
+    kill_9_when(["sweep", str(spec), "--out", str(out)],
+                lambda: second.is_dir() and any(p.name.startswith("step-") for p in second.iterdir()))  # fmt: skip
     assert (out / "trials" / "seed=1" / "final.safetensors").is_file()  # the first trial had finished
     assert not (out / "trials" / "seed=2" / "final.safetensors").exists()  # the second was mid-run
     assert main(["sweep", str(spec), "--out", str(out)]) == 0
@@ -180,11 +167,15 @@ def test_the_report_of_a_sweep_puts_its_table_and_the_sharpness_figure_first(swe
     assert text.index('id="sharpness-vs-dev-metric"') == first_figure + len("<figure ")
 
 
-def test_a_dry_run_times_two_steps_of_each_variant_without_a_finished_trial(tmp_path, tiny_model_dir, tiny_data_dir,
-                                                                            capsys):  # fmt: skip
-    spec = write_spec(tmp_path / "spec.yaml", tiny_model_dir, tiny_data_dir, grid={"sam": ["none", "sam"]})
+def test_a_dry_run_times_two_steps_of_each_cost_without_a_finished_trial(tmp_path, tiny_model_dir, tiny_data_dir,
+                                                                         capsys):  # fmt: skip
+    """Seeds share one timing; efficient SAM (ascent on a quarter of the batch) is not SAM's cost: timed apart."""
+    spec = write_spec(tmp_path / "spec.yaml", tiny_model_dir, tiny_data_dir, grid={"seed": [1, 2]},
+                      zip={"sam": ["none", "sam", "sam"], "ascent_fraction": [1.0, 1.0, 0.25]})  # fmt: skip
     out = tmp_path / "out"
     assert main(["sweep", str(spec), "--out", str(out), "--dry-run"]) == 0
     printed = capsys.readouterr().out
-    assert printed.count("s/step, timed now)") == 2 and "2 trials, 2 to train, ~" in printed
+    assert printed.count("s/step, timed now)") == 6 and "6 trials, 6 to train, ~" in printed
+    rows = plan(read_spec(spec), out)
+    assert len({cost_key(row["config"]) for row in rows}) == 3  # none, SAM, efficient SAM; not 2, not 6
     assert not (out / "trials").exists() and not (out / "sweep.json").exists()  # nothing trained or recorded

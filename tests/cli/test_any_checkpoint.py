@@ -83,6 +83,11 @@ def test_every_analysis_reads_a_trainer_checkpoint_with_the_run_directory_number
     line = load_result(out / "interpolation")
     surface = load_result(out / "surface-ckpt")
     assert line.arrays["loss"][1] == surface.arrays["loss"][1, 1]  # α = 0 and the surface's origin are θ1
+    capsys.readouterr()
+    for source in (checkpoint, run / "final.safetensors"):  # eval: the same model source as every analysis
+        assert main(["eval", str(source), "--task", "sst2", "--data-dir", str(tiny_data_dir), "--json"]) == 0
+    from_checkpoint, from_file = (json.loads(line) for line in capsys.readouterr().out.splitlines())
+    assert from_checkpoint["loss"] == from_file["loss"] and from_checkpoint["weights"] == str(checkpoint)
     assert main(["report", *(str(p) for p in sorted(out.iterdir())), "--out", str(tmp_path / "report.html")]) == 0
     assert "hessian" in (tmp_path / "report.html").read_text()
     capsys.readouterr()
@@ -105,6 +110,8 @@ def test_bad_checkpoints_are_one_line(trainer_checkpoint, tiny_model_dir, tiny_d
     config["label2id"] = {"a": 0, "b": 1, "c": 2}
     (three / "config.json").write_text(json.dumps(config))
     refused(["surface", str(three), "--task", "sst2", *data], "has a head of 3 labels, task sst2 has 2")
+    # eval reads checkpoints through the same model source, so it refuses the same head
+    refused(["eval", str(three), "--task", "sst2", "--data-dir", str(tiny_data_dir)], "has a head of 3 labels")
     bare = tmp_path / "bare"
     bare.mkdir()
     (bare / "model.safetensors").write_bytes((checkpoint / "model.safetensors").read_bytes())

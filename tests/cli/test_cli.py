@@ -1,16 +1,14 @@
 """The ``landscape`` command: a pinned smoke run of the real console script, kill -9 and resume, bad inputs."""
 
 import json
-import os
 import pickle
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
+from helpers import kill_9_when
 from safetensors.torch import load_file
 
 from landscape.cli.main import main
@@ -63,12 +61,8 @@ def test_kill_minus_nine_then_resume_is_bitwise_identical(tiny_model_dir, tiny_d
     assert run_cli(*tiny_train_args(tiny_model_dir, tiny_data_dir, reference, *common)).returncode == 0
 
     out = tmp_path / "killed"
-    proc = subprocess.Popen([*LANDSCAPE, *tiny_train_args(tiny_model_dir, tiny_data_dir, out, *common)])
-    deadline = time.time() + 240
-    while time.time() < deadline and not list((out / "checkpoints").glob("step-*")):
-        time.sleep(0.02)
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
+    kill_9_when(tiny_train_args(tiny_model_dir, tiny_data_dir, out, *common),
+                lambda: bool(list((out / "checkpoints").glob("step-*"))), timeout=240)  # fmt: skip
     assert not (out / "final.safetensors").exists(), "the run finished before it could be killed"
     assert list((out / "checkpoints").glob("step-*")), "no checkpoint was written before the kill"
 

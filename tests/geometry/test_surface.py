@@ -4,18 +4,15 @@ uninterrupted run."""
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import signal
-import subprocess
 import sys
-import time
 from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import torch
+from helpers import kill_9_when
 from safetensors.torch import save_file
 from torch import nn
 
@@ -224,15 +221,7 @@ def test_kill_9_then_rerun_gives_bitwise_the_uninterrupted_arrays(tiny_run, tmp_
     assert main([*args, "--out", str(tmp_path / "straight")]) == 0
     straight = load_result(tmp_path / "straight")
     out = tmp_path / "killed"
-    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    command = [sys.executable, "-m", "landscape.cli.main", *args, "--out", str(out)]
-    process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + 120
-    while _done_count(out) < 5 and process.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.02)
-    process.send_signal(signal.SIGKILL)
-    _, stderr = process.communicate()
-    assert process.returncode == -signal.SIGKILL, f"the surface ended by itself (exit {process.returncode}): {stderr}"
+    kill_9_when([*args, "--out", str(out)], lambda: _done_count(out) >= 5)
     partial = load_result(out, accept_newer_arrays=True)  # the kill may land between the two renames of a save
     assert 0 < partial.arrays["done"].sum() < 49, "the kill must land mid-grid for this test to mean anything"
     assert main([*args, "--out", str(out)]) == 0
@@ -311,6 +300,22 @@ def test_cli_surface_bad_values_exit_2_with_one_line(tiny_run, tmp_path, capsys,
     err = capsys.readouterr().err
     assert message in err and len(err.strip().splitlines()) == 1
     assert not (tmp_path / "s").exists()
+
+
+def test_a_weights_file_of_a_run_is_analysed_as_that_run_with_those_weights(tiny_run, tmp_path, capsys):
+    """An intermediate checkpoint's model.safetensors, or init.safetensors, is a model source of its own: the
+    surface of ``RUN/init.safetensors`` is the surface of ``RUN --weights init``, value for value."""
+    base = ["--grid", "3", "--samples", "6", "--no-progress"]
+    assert main(["surface", str(tiny_run / "init.safetensors"), *base, "--out", str(tmp_path / "file")]) == 0
+    assert main(["surface", str(tiny_run), "--weights", "init", *base, "--out", str(tmp_path / "run")]) == 0
+    from_file, from_run = load_result(tmp_path / "file"), load_result(tmp_path / "run")
+    np.testing.assert_array_equal(from_file.arrays["loss"], from_run.arrays["loss"])
+    assert from_file.meta["checkpoint_sha256"] == from_run.meta["checkpoint_sha256"]
+    capsys.readouterr()
+    lone = tmp_path / "lone.safetensors"
+    shutil.copy(tiny_run / "init.safetensors", lone)
+    assert main(["surface", str(lone), *base, "--out", str(tmp_path / "lone")]) == 2
+    assert "pass --task and --model" in capsys.readouterr().err and not (tmp_path / "lone").exists()
 
 
 def test_cli_interpolate_task_override_and_missing_run(tiny_run, tmp_path, capsys):
