@@ -6,8 +6,11 @@ Models" (FSAM), §3.2:
 * Eq. 9, the empirical Fisher: ``F̂ = (1/N) Σ_i (∇_w log p(y_i | x_i))²``, one squared gradient per example;
 * Eqs. 10–11, the mask: the ``(1 − s)·|w|`` coordinates with the largest ``F̂`` are perturbed (mask 1), the rest not.
 
-``mode="per-example"`` is Eq. 9, computed with per-example gradients vectorised by ``torch.func`` (``vmap`` over
-``grad`` of a ``functional_call``). ``mode="batch-mean"`` is what the authors' public code computes instead, the square
+``mode="per-example"`` is Eq. 9. Its squared per-example gradients come from one forward and one backward per batch
+through the layers' own inputs and output gradients (:mod:`analyses.per_example`: Linear, Embedding, LayerNorm and
+GPT-2's Conv1D, each proven exact on the first batch); a parameter that path does not cover is computed with
+per-example gradients vectorised by ``torch.func`` (``vmap`` over ``grad`` of a ``functional_call``).
+``mode="batch-mean"`` is what the authors' public code computes instead, the square
 of each mini-batch's mean gradient, ``(1/K) Σ_k (∇_w mean_{i∈B_k} −log p(y_i | x_i))²``; it is here to compare the two.
 
 Both run in eval mode (dropout off): the Fisher is a property of the deterministic model ``p(y | x; w)``, and only then
@@ -16,7 +19,7 @@ do the vectorised and the looped computation agree. Nothing else about the model
 ``torch.autograd.grad``, never ``backward``), so the mask can be refreshed in the middle of a training step without
 disturbing that step's gradients.
 
-What the vectorised path requires of the model (a Hugging Face sequence classifier, transformers 5):
+What the ``vmap`` path requires of the model (a Hugging Face sequence classifier, transformers 5):
 
 * each example is passed with a leading batch dimension of 1 inside the vmapped function;
 * the 2-D padding mask is handed to the model as a prepared 4-D additive mask ``[1, 1, 1, T]`` (0 where attended, the
@@ -43,6 +46,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import grad, vmap
 
+from analyses.per_example import LayerGradients
 from landscape.core.errors import ConfigError
 from landscape.data.losses import model_inputs
 from landscape.models.evaluation import batch_logits, example_loss_function
@@ -86,9 +90,10 @@ def empirical_fisher(
     ``0.5·(f(x) − y)²`` up to a constant, whose gradient is ``(f(x) − y)·∇f`` (half the gradient of
     :func:`~landscape.data.losses.per_example_loss`'s squared error).
 
-    ``mode="per-example"`` vectorises over ``chunk_size`` examples at a time: memory grows with
-    ``chunk_size × number of parameters`` (one gradient per example of the chunk). ``params`` selects parameters by
-    name among those with ``requires_grad`` (default: all of them). The model is left exactly as it was.
+    ``mode="per-example"``: the layer path holds one batch's activations (as a backward does) and one
+    [``chunk_size``, out, in] block of per-example weight gradients at a time; the ``vmap`` path, for parameters the
+    layer path does not cover, ``chunk_size`` per-example gradients of those parameters. ``params`` selects
+    parameters by name among those with ``requires_grad`` (default: all of them). The model is left exactly as it was.
 
     Resuming: ``keep`` is called before each batch with a function returning the running sums and counts; handed
     back as ``state`` (same model, batches and options), the sums continue from it bitwise.
@@ -102,14 +107,11 @@ def empirical_fisher(
     device, dtype = _device_and_dtype(selected)
     sums = _zeros_like_accumulators(selected)
     first, count, _ = _restore_sums(sums, state)
-    # grad() ignores an enclosing no_grad for its own computation; the no_grad only keeps the ordinary autograd from
-    # recording a graph through the model's real parameters.
-    with eval_mode(model), torch.no_grad(), warnings.catch_warnings():
+    layers = LayerGradients(model, selected, _negative_log_likelihood, batch_logits, chunk_size=chunk_size)
+    per_example_grads = None  # vmap over grad, built once for the parameters the layer path does not cover
+    with eval_mode(model), warnings.catch_warnings():
         # SDPA on CPU has no vmap batching rule: torch loops over it and says so at every call; the values are right.
         warnings.filterwarnings("ignore", message="There is a performance drop", category=UserWarning)
-        detached = {name: param.detach() for name, param in selected.items()}
-        example_nll = example_loss_function(model, dtype, _negative_log_likelihood)
-        per_example_grads = vmap(grad(example_nll), in_dims=(None, 0))
         for index, batch in enumerate(batches):
             if index < first:
                 continue
@@ -117,11 +119,20 @@ def empirical_fisher(
                 keep(lambda index=index, count=count: _sums_state(sums, index, count, 0))
             batch = _checked_batch(batch, index, device)
             size = batch["labels"].shape[0]
-            for start in range(0, size, chunk_size):
-                chunk = {key: value[start : start + chunk_size] for key, value in batch.items()}
-                grads = per_example_grads(detached, chunk)
-                for name, total in sums.items():
-                    total.add_(grads[name].to(total.dtype).square().sum(dim=0))
+            layers.add(batch, sums)
+            if layers.uncovered:
+                if per_example_grads is None:
+                    example_nll = example_loss_function(model, dtype, _negative_log_likelihood)
+                    per_example_grads = vmap(grad(example_nll), in_dims=(None, 0))
+                    rest = {name: selected[name].detach() for name in layers.uncovered}
+                # grad() ignores an enclosing no_grad for its own computation; the no_grad only keeps the ordinary
+                # autograd from recording a graph through the model's real parameters.
+                with torch.no_grad():
+                    for start in range(0, size, chunk_size):
+                        chunk = {key: value[start : start + chunk_size] for key, value in batch.items()}
+                        grads = per_example_grads(rest, chunk)
+                        for name in rest:
+                            sums[name].add_(grads[name].to(sums[name].dtype).square().sum(dim=0))
             count += size
     return _result(sums, count, mode)
 
@@ -202,9 +213,10 @@ def _restore_sums(sums: dict[str, torch.Tensor], state: Mapping[str, np.ndarray]
 
 def _add_squared_gradient(sums: dict[str, torch.Tensor], loss: torch.Tensor, selected: dict[str, nn.Parameter]) -> None:
     """sums[name] += (∂loss/∂parameter)², with torch.autograd.grad: gradients are returned, never put into .grad."""
-    gradients = torch.autograd.grad(loss, list(selected.values()))
+    gradients = torch.autograd.grad(loss, list(selected.values()), allow_unused=True)
     for name, gradient in zip(selected, gradients, strict=True):
-        sums[name].add_(gradient.to(sums[name].dtype).square())
+        if gradient is not None:  # None: the loss does not depend on it (its gradient is zero)
+            sums[name].add_(gradient.to(sums[name].dtype).square())
 
 
 def _negative_log_likelihood(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

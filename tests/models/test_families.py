@@ -93,6 +93,36 @@ def test_hessian_top_eigenvalue_equals_the_dense_float64_reference(family):
     assert top.eigenvalues[0] == pytest.approx(expected, rel=1e-6, abs=1e-9)
 
 
+def test_per_example_fisher_by_layer_hooks_equals_the_per_example_loop(family):
+    """The Fisher's one-backward layer path (analyses.per_example) against one example at a time, float64: the word
+    embeddings and every Linear are taken by the layer path in every family (the check would drop a wrong one),
+    except DeBERTa's relative-position projections, whose input (the relative embeddings) the batch shares."""
+    from analyses.fisher import _negative_log_likelihood, empirical_fisher, empirical_fisher_loop
+    from analyses.per_example import LayerGradients
+    from landscape.models.evaluation import batch_logits
+
+    run = open_run(family[2])
+    loaded = load_run_model(run)
+    model = loaded.model.double()
+    for parameter in model.parameters():
+        parameter.requires_grad_(True)
+    batches = DataSelection(samples=10, seed=0, batch_size=6).subset(run, loaded.tokenizer).batches  # 6 + 4
+    fast, loop = empirical_fisher(model, batches, chunk_size=4), empirical_fisher_loop(model, batches)
+    scale = max(float(value.abs().max()) for value in loop.diagonal.values())
+    for name, expected in loop.diagonal.items():
+        torch.testing.assert_close(fast.diagonal[name].double(), expected.double(), rtol=1e-5, atol=1e-10 * scale,
+                                   msg=name)  # fmt: skip
+    layers = LayerGradients(model, dict(model.named_parameters()), _negative_log_likelihood, batch_logits)
+    layers.add(batches[0], {name: torch.zeros_like(p) for name, p in model.named_parameters()})
+    table = model.get_input_embeddings().weight
+    word_embeddings = next(name for name, p in model.named_parameters() if p is table)
+    shared_input = re.compile("pos_key_proj|pos_query_proj")
+    linear = [name for name, module in model.named_modules()
+              if isinstance(module, torch.nn.Linear) and not shared_input.search(name)]  # fmt: skip
+    assert word_embeddings in layers.covered
+    assert all(f"{name}.weight" in layers.covered for name in linear), set(layers.uncovered)
+
+
 def test_every_parameter_has_its_module_type(family):
     run_dir = family[2]
     model = load_run_model(open_run(run_dir)).model
