@@ -91,15 +91,26 @@ def add_output_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def non_negative_float(text: str) -> float:
+    """argparse type: a finite number >= 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {text!r}") from None
+    if not (value >= 0 and math.isfinite(value)):
+        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {text}")
+    return value
+
+
 def add_checkpoint_argument(parser: argparse.ArgumentParser) -> None:
-    """``--checkpoint-every SECONDS``: how often a long estimate keeps its partial state for a resume."""
+    """``--checkpoint-every SECONDS``: how often a long computation keeps its partial state for a resume."""
     parser.add_argument(
         "--checkpoint-every",
-        type=float,
+        type=non_negative_float,
         default=60.0,
         metavar="SECONDS",
-        help="keep the partial state (Lanczos basis, Hutchinson samples, Fisher sums) at most this often; finished "
-        "estimates are kept at once; a rerun after a kill resumes (default 60; 0: at every step)",
+        help="keep the partial state (a grid's finished cells; a Lanczos basis, Hutchinson samples, Fisher sums) at "
+        "most this often, and at once on an interruption; a rerun after a kill resumes (default 60; 0: every step)",
     )
 
 

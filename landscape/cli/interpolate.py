@@ -6,6 +6,7 @@ import argparse
 
 from landscape.cli.common import (
     RUN_HELP,
+    add_checkpoint_argument,
     add_data_arguments,
     add_executor_arguments,
     add_output_arguments,
@@ -55,6 +56,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         help=f"refuse grids of more cells than this (default {MAX_CELLS:,})",
     )
     add_output_arguments(parser)
+    add_checkpoint_argument(parser)
     add_precision_argument(parser)
     parser.set_defaults(run=run)
 
@@ -85,6 +87,7 @@ def run(args: argparse.Namespace) -> int:
         gpus_per_worker=args.gpus_per_worker,
         max_cells=args.max_cells,
         progress=args.progress,
+        save_every=args.checkpoint_every,
     )
     print_grid_summary(result, args.out)
     return 0

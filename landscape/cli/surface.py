@@ -6,6 +6,7 @@ import argparse
 
 from landscape.cli.common import (
     RUN_HELP,
+    add_checkpoint_argument,
     add_data_arguments,
     add_executor_arguments,
     add_output_arguments,
@@ -65,6 +66,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         help=f"refuse grids of more cells than this (default {MAX_CELLS:,})",
     )
     add_output_arguments(parser)
+    add_checkpoint_argument(parser)
     add_precision_argument(parser)
     parser.add_argument(
         "--dry-run", action="store_true", help="time a few cells on this machine, print the cost, write nothing"
@@ -83,7 +85,8 @@ def run(args: argparse.Namespace) -> int:
         from landscape.geometry.surface import estimate_surface
 
         plan = estimate_surface(args.run_dir, dims=args.dims, grid=grid, data=data_selection(args),
-                                weights=args.weights, device=args.device, precision=args.precision)  # fmt: skip
+                                weights=args.weights, device=args.device, precision=args.precision,
+                                save_every=args.checkpoint_every)  # fmt: skip
         print(plan.describe())
         return 0
     result = compute_surface(
@@ -107,6 +110,7 @@ def run(args: argparse.Namespace) -> int:
         gpus_per_worker=args.gpus_per_worker,
         max_cells=args.max_cells,
         progress=args.progress,
+        save_every=args.checkpoint_every,
     )
     print_grid_summary(result, args.out)
     return 0

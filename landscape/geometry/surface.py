@@ -13,8 +13,10 @@ again gives arrays bitwise equal to an uninterrupted one.
 
 from __future__ import annotations
 
+import math
 import sys
 import tempfile
+import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -81,11 +83,17 @@ def _run_grid(
     executor: Any,
     progress: bool,
     chunk_size: int | None,
+    save_every: float = 60.0,
 ) -> Result:
-    """Compute the cells of ``shape`` (cell number = flat row-major index) not yet done; save after each chunk.
+    """Compute the cells of ``shape`` (cell number = flat row-major index) not yet done.
 
-    ``executor``: a name (``serial``, ``ray``) or an object with ``name`` and ``run(job, chunks, on_chunk)``.
+    The partial grid is saved after a chunk when ``save_every`` seconds have passed since the last save (0: after
+    every chunk), and at once when anything interrupts the computation, so a kill -9 loses at most ``save_every``
+    seconds of cells and an exception (Ctrl-C included) none. ``executor``: a name (``serial``, ``ray``) or an
+    object with ``name`` and ``run(job, chunks, on_chunk)``.
     """
+    if not (isinstance(save_every, int | float) and math.isfinite(save_every) and save_every >= 0):
+        raise ConfigError(f"the save interval must be a number of seconds >= 0, got {save_every!r}")
     existing = job.existing
     if existing is not None:
         loss = np.array(existing.arrays["loss"], dtype=np.float64)
@@ -97,9 +105,13 @@ def _run_grid(
         loss, done = new_grid(shape)
         metric = np.full(shape, np.nan, dtype=np.float64)
     fixed_meta = {**meta, "executor": executor if isinstance(executor, str) else executor.name}
+    cell_seconds: list[float] = []  # this session's cells: what --dry-run's estimate is to be compared with
 
     def save(complete: bool) -> Result:
-        return job.save({**axes, "loss": loss, "metric": metric, "done": done}, fixed_meta, complete=complete)
+        session_meta = dict(fixed_meta)
+        if cell_seconds:
+            session_meta.update(cell_seconds_median=float(np.median(cell_seconds)), cells_timed=len(cell_seconds))
+        return job.save({**axes, "loss": loss, "metric": metric, "done": done}, session_meta, complete=complete)
 
     flat_done = done.reshape(-1)
     pending = [(number, coefficients[number]) for number in np.flatnonzero(~flat_done).tolist()]
@@ -108,20 +120,30 @@ def _run_grid(
         save(complete=False)  # from now on, a rerun with other parameters is refused
     if pending:
         if chunk_size is None:
-            # Serial: save after every cell (a save is a few ms). Ray: a few chunks per worker keeps all busy.
+            # Serial: one cell per chunk (the save interval decides how often it is written). Ray: a few chunks
+            # per worker keeps all busy.
             workers = getattr(runner, "workers", None) or 2
             chunk_size = 1 if runner.name == "serial" else max(1, len(pending) // (4 * workers))
         bar = _progress_bar(flat_done.size, int(flat_done.sum()), progress, job.kind)
         flat_loss, flat_metric = loss.reshape(-1), metric.reshape(-1)
+        unsaved = {"cells": 0, "since": time.monotonic()}
 
-        def on_chunk(results: list[tuple[int, float, float]]) -> None:
-            for number, cell_loss, cell_metric in results:
+        def on_chunk(results: list[tuple]) -> None:
+            for number, cell_loss, cell_metric, *seconds in results:
                 flat_loss[number], flat_metric[number], flat_done[number] = cell_loss, cell_metric, True
-            save(complete=False)
+                cell_seconds.extend(seconds)
+            unsaved["cells"] += len(results)
+            if time.monotonic() - unsaved["since"] >= save_every:
+                save(complete=False)
+                unsaved.update(cells=0, since=time.monotonic())
             bar.update(len(results))
 
         try:
             runner.run(grid_job, chunked(pending, chunk_size), on_chunk)
+        except BaseException:
+            if unsaved["cells"]:  # an interruption keeps every finished cell
+                save(complete=False)
+            raise
         finally:
             bar.close()
     return save(complete=bool(done.all()))
@@ -181,6 +203,7 @@ def compute_surface(
     overwrite: bool = False,
     progress: bool = False,
     chunk_size: int | None = None,
+    save_every: float = 60.0,
     max_cells: int = MAX_CELLS,
     device: str = "cpu",
     precision: str = "fp32",
@@ -292,6 +315,7 @@ def compute_surface(
         executor=executor,
         progress=progress,
         chunk_size=chunk_size,
+        save_every=save_every,
     )
 
 
@@ -314,6 +338,7 @@ def compute_interpolation(
     overwrite: bool = False,
     progress: bool = False,
     chunk_size: int | None = None,
+    save_every: float = 60.0,
     max_cells: int = MAX_CELLS,
     device: str = "cpu",
     precision: str = "fp32",
@@ -402,6 +427,7 @@ def compute_interpolation(
         executor=executor,
         progress=progress,
         chunk_size=chunk_size,
+        save_every=save_every,
     )
 
 
@@ -415,6 +441,7 @@ def estimate_surface(
     device: str = "cpu",
     precision: str = "fp32",
     repeats: int = 3,
+    save_every: float = 60.0,
 ) -> Plan:
     """The :class:`~landscape.models.planning.Plan` of a surface (``--dry-run``): one cell is one evaluation of the
     subset at a grid point, timed on the run's own model and examples; nothing is written."""
@@ -427,10 +454,12 @@ def estimate_surface(
     zero = {name: torch.zeros_like(p) for name, p in loaded.model.named_parameters()}
     with CellEvaluator(loaded.model, subset, [zero] * dims, precision=precision) as evaluator:
         per_cell = median_seconds(lambda: evaluator([0.5] * dims), repeats)
-    # The serial executor saves the grid after every cell: time such a save too, into a temporary folder.
+    # The grid is saved at most every ``save_every`` seconds: time such a save too (into a temporary folder) and
+    # count the share of it that falls on a cell.
     shape = (n_b, n_a) if dims == 2 else (n_a,)
     grid_arrays = {"loss": np.zeros(shape), "metric": np.zeros(shape), "done": np.zeros(shape, dtype=bool)}
     with tempfile.TemporaryDirectory() as scratch:
         meta = {"versions": {}, "git_revision": None}
-        per_cell += median_seconds(lambda: save_result(Result("surface", grid_arrays, meta), scratch), repeats)
+        save = median_seconds(lambda: save_result(Result("surface", grid_arrays, meta), scratch), repeats)
+    per_cell += save * min(1.0, per_cell / save_every) if save_every > 0 else save
     return Plan(f"surface of {run.path} ({len(subset)} examples)", "cells", cells, per_cell, repeats)

@@ -217,7 +217,7 @@ def _done_count(out: Path) -> int:
 
 
 def test_kill_9_then_rerun_gives_bitwise_the_uninterrupted_arrays(tiny_run, tmp_path):
-    args = ["surface", str(tiny_run), "--grid", "7", "--samples", "8", "--no-progress"]
+    args = ["surface", str(tiny_run), "--grid", "7", "--samples", "8", "--no-progress", "--checkpoint-every", "0"]
     assert main([*args, "--out", str(tmp_path / "straight")]) == 0
     straight = load_result(tmp_path / "straight")
     out = tmp_path / "killed"
@@ -351,3 +351,32 @@ def test_a_cell_does_not_depend_on_the_cells_before_it(tiny_run):
         for name, p in model.named_parameters():
             assert p.detach().numpy().tobytes() == first[name].numpy().tobytes(), name
             torch.testing.assert_close(p.detach(), reference[name], rtol=2e-7, atol=2e-7)
+
+
+def test_cells_write_only_the_embedding_rows_the_subset_reads_with_bitwise_the_same_losses(tiny_run):
+    """After the first evaluation a cell writes only the word-embedding rows of tokens in the subset (and skips
+    parameters whose directions are zero); the losses are bitwise those of writing every weight, and the rows no
+    example reads hold θ."""
+    loaded, subset = tiny_subset(tiny_run)
+    model = loaded.model
+    theta = {name: p.detach().clone() for name, p in model.named_parameters()}
+    generator = torch.Generator().manual_seed(0)
+    d1, d2 = ({name: torch.randn(t.shape, generator=generator) for name, t in theta.items()} for _ in range(2))
+    for d in (d1, d2):
+        d["bert.embeddings.LayerNorm.bias"].zero_()  # a direction that is zero in one parameter (--ignore-1d's)
+    cells = [(0.3, -0.7), (0.0, 0.0), (-1.0, 0.5), (0.25, 0.0)]
+    with CellEvaluator(model, subset, [d1, d2], only_read_rows=False) as evaluator:
+        everything = [evaluator(cell) for cell in cells]
+    with CellEvaluator(model, subset, [d1, d2]) as evaluator:
+        restricted = [evaluator(cell) for cell in cells]
+        table = "bert.embeddings.word_embeddings.weight"
+        read = evaluator._rows[table]
+        tokens = torch.unique(torch.cat([batch["input_ids"].reshape(-1) for batch in subset.batches]))
+        assert torch.equal(read, tokens) and len(read) < theta[table].shape[0]
+        unread = torch.ones(theta[table].shape[0], dtype=torch.bool)
+        unread[read] = False
+        current = dict(model.named_parameters())
+        assert torch.equal(current[table].detach()[unread], theta[table][unread])
+        expected = theta[table][read] + 0.25 * d1[table][read]
+        assert torch.equal(current[table].detach()[read], expected)
+    assert restricted == everything
