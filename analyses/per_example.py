@@ -88,6 +88,10 @@ class LayerGradients:
 
     def add(self, batch: dict[str, torch.Tensor], sums: dict[str, torch.Tensor]) -> None:
         """``sums[name] += Σ_i (∂l_i/∂w_name)²`` over the examples of ``batch``, for the covered parameters."""
+        if not self.layers:  # no layer of a known type: everything is the general path's
+            self.uncovered = list(self.selected)
+            self.checked = True
+            return
         calls: dict[nn.Module, list[tuple[torch.Tensor, torch.Tensor]]] = {module: [] for module in self.layers}
 
         def keep(module: nn.Module, inputs: tuple, output: Any) -> None:
@@ -119,13 +123,16 @@ class LayerGradients:
         used = [(module, index) for module, seen in calls.items() for index in range(len(seen))]
         outputs = [calls[module][index][1] for module, index in used]
         check = [] if self.checked else list(self.selected.values())
+        if not outputs and not check:  # no known layer on the loss's path in this batch: nothing to add
+            return
         grads = torch.autograd.grad(total, [*outputs, *check], allow_unused=True)
         deltas: dict[nn.Module, list[torch.Tensor | None]] = {module: [] for module in calls}
         for (module, _), delta in zip(used, grads[: len(outputs)], strict=True):
             deltas[module].append(delta)
-        # First batch: the squares are held apart until the check has decided which parameters they are right for;
-        # after it, they go straight into ``sums``.
-        into: dict[str, torch.Tensor] = sums if self.checked else {}
+        # Each batch's squares are summed apart, then added to ``sums`` once: the first batch's wait for the check
+        # to decide which parameters they are right for, and every batch adds in the same order, so a Fisher resumed
+        # from its running sums (whose first batch is then another) is bitwise the uninterrupted one.
+        into: dict[str, torch.Tensor] = {}
         totals: dict[str, torch.Tensor] | None = None if self.checked else {}
         for module, (kind, own) in self.layers.items():
             pairs = [(x, d) for (x, _), d in zip(calls[module], deltas[module], strict=True) if d is not None]
@@ -139,9 +146,9 @@ class LayerGradients:
             self._layer(module, kind, own, pairs, batch_size, into, totals)
         if totals is not None:
             self._decide(dict(zip(self.selected, grads[len(outputs) :], strict=True)), totals)
-            for name in self.covered:
-                if name in into:  # else no path from the loss to it in this batch: its gradients are zero
-                    sums[name].add_(into[name].to(sums[name].dtype))
+        for name in self.covered:
+            if name in into:  # else no path from the loss to it in this batch: its gradients are zero
+                sums[name].add_(into[name].to(sums[name].dtype))
 
     def _decide(self, batch_grads: dict[str, torch.Tensor | None], grad_sums: dict[str, torch.Tensor]) -> None:
         """Keep a parameter only where Σ_i g_i equals autograd's batch gradient (the first batch's proof)."""

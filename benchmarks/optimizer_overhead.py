@@ -410,9 +410,9 @@ def measure_bookkeeping(work: Workload, args: argparse.Namespace) -> dict[str, A
     def ours_bookkeeping() -> None:
         with torch.no_grad():
             grads = [None if p.grad is None else p.grad.clone() for p in params]
-            epsilon = ours.perturbation(params, grads, args.rho)
+            epsilon = ours.perturbation(params, grads)
             global_norm([e for e in epsilon if e is not None])
-            with ours.perturbed(params, epsilon):
+            with ours.perturbed(epsilon):
                 pass
 
     def peer_bookkeeping() -> None:

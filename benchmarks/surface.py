@@ -7,7 +7,11 @@ On ``minilm`` with an 11 × 11 grid over 64 real examples (CoLA dev by default),
    the goal is total ≤ 1.10 × 121 × ``t_forward``;
 3. ``loss_landscapes.random_plane`` (PyPI ``loss-landscapes``) on the same model, grid size and batches, timed,
    and whether it leaves the model as it found it (weights bitwise, ``requires_grad`` flags, train/eval modes),
-   next to the same check for ours.
+   next to the same check for ours;
+4. the command a user runs: ``landscape surface`` from the CLI (a fresh process each time, ``--cli-samples``
+   examples), timed as wall time for an 11 × 11 grid and for a 2 × 2 grid (the smallest the CLI takes), so that
+   their difference ÷ 117 cells is the cost of one cell without the start-up; interleaved with bare forwards of
+   the same batches, ``--cli-repeats`` times, in a rotating order. Goal: one cell ≤ 1.05 × a bare forward.
 
     HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/surface.py --data-dir ../shared/data
 
@@ -72,6 +76,8 @@ def main() -> int:
     parser.add_argument("--threads", type=int, default=1, help="torch threads (1: steadier on a shared machine)")
     parser.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "surface"))
     parser.add_argument("--skip-peer", action="store_true", help="do not run loss_landscapes")
+    parser.add_argument("--cli-repeats", type=int, default=3, help="interleaved CLI repetitions (0: none)")
+    parser.add_argument("--cli-samples", type=int, default=32, help="examples of the CLI measurement")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     load_start = os.getloadavg()
@@ -156,6 +162,8 @@ def main() -> int:
                     **compare_states(before, model_state(model)),
                 }
 
+        cli = cli_cell_cost(run_dir, Path(tmp), args) if args.cli_repeats > 0 else {"ran": False}
+
     goal = 1.10
     ratio_total = ours_total / (cells * t_forward)
     report = {
@@ -166,6 +174,7 @@ def main() -> int:
                  "ratio_grid_only": ours_grid / (cells * t_forward), "goal": goal, "pass": ratio_total <= goal,
                  **ours_state},
         "loss_landscapes": peer,
+        "cli": cli,
         "torch": torch.__version__,
     }  # fmt: skip
     if peer.get("ran"):
@@ -176,6 +185,51 @@ def main() -> int:
     write_text(out.with_suffix(".md"), markdown(report))
     print(markdown(report))
     return 0
+
+
+def cli_cell_cost(run_dir: Path, tmp: Path, args: argparse.Namespace) -> dict[str, object]:
+    """Wall time of ``landscape surface`` from the CLI at 11 × 11 and 2 × 2, interleaved with bare forwards of the
+    same examples in this process; one cell = (t_11x11 − t_2x2) / 117, paired per repetition."""
+    import subprocess
+
+    run = open_run(run_dir)
+    loaded = load_model("minilm", run.task, seed=0)
+    model = loaded.model.eval()
+    subset = select_subset(run, loaded.tokenizer, samples=args.cli_samples, seed=0, batch_size=args.batch_size)
+
+    def bare_forward() -> float:
+        start = time.perf_counter()
+        with torch.inference_mode():
+            for batch in subset.batches:
+                model(**model_inputs(batch))
+        return time.perf_counter() - start
+
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": str(args.threads)}
+
+    def command(grid: int, repeat: int) -> float:
+        out = tmp / f"cli-{grid}-{repeat}"
+        argv = [sys.executable, "-m", "landscape", "surface", str(run_dir), "--grid", str(grid),
+                "--samples", str(args.cli_samples), "--batch-size", str(args.batch_size), "--no-progress",
+                "--out", str(out)]  # fmt: skip
+        start = time.perf_counter()
+        subprocess.run(argv, env=env, check=True, stdout=subprocess.DEVNULL)
+        return time.perf_counter() - start
+
+    bare_forward()  # warm-up
+    large, small, forwards = [], [], []
+    for repeat in range(args.cli_repeats):
+        steps = [lambda r: forwards.extend(bare_forward() for _ in range(3)),
+                 lambda r: large.append(command(11, r)), lambda r: small.append(command(2, r))]  # fmt: skip
+        for index in range(3):  # a rotating order: a slow period of the machine hits every measurement alike
+            steps[(index + repeat) % 3](repeat)
+    per_cell = [(a - b) / (121 - 4) for a, b in zip(large, small, strict=True)]
+    forward = statistics.median(forwards)
+    return {
+        "ran": True, "samples": args.cli_samples, "repeats": args.cli_repeats, "t_11x11_s": large, "t_2x2_s": small,
+        "per_cell_s": per_cell, "bare_forward_s": forwards, "ratio": statistics.median(per_cell) / forward,
+        "ratios": [cell / forward for cell in per_cell], "goal": 1.05,
+        "pass": statistics.median(per_cell) / forward <= 1.05,
+    }  # fmt: skip
 
 
 def _version(name: str) -> str:
@@ -214,6 +268,28 @@ def markdown(r: dict) -> str:
         lines += ["", f"loss_landscapes / ours (end to end): {r['peer_over_ours']:.3f}×."]
     else:
         lines += ["", f"loss_landscapes not run: {peer.get('reason', '--skip-peer')}"]
+    cli = r.get("cli", {})
+    if cli.get("ran"):
+        lines += [
+            "",
+            f"## The CLI a user runs: `landscape surface`, {cli['samples']} examples, {cli['repeats']} interleaved "
+            "repetitions",
+            "",
+            "One cell = (wall time of an 11 × 11 grid − that of a 2 × 2 grid) / 117, from fresh processes; a bare "
+            "forward of the same batches timed in between.",
+            "",
+            "| repetition | 11 × 11 (s) | 2 × 2 (s) | one cell (s) | ÷ bare forward |",
+            "|---:|---:|---:|---:|---:|",
+        ]
+        rows = zip(cli["t_11x11_s"], cli["t_2x2_s"], cli["per_cell_s"], cli["ratios"], strict=True)
+        for i, (a, b, c, q) in enumerate(rows):
+            lines.append(f"| {i + 1} | {a:.1f} | {b:.1f} | {c:.4f} | {q:.3f} |")
+        verdict = "PASS" if cli["pass"] else "FAIL"
+        lines += [
+            "",
+            f"Bare forward: median {statistics.median(cli['bare_forward_s']):.4f} s of {len(cli['bare_forward_s'])}. "
+            f"Median one cell ÷ bare forward: **{cli['ratio']:.3f}** (goal ≤ {cli['goal']:.2f}: {verdict}).",
+        ]
     return "\n".join(lines) + "\n"
 
 

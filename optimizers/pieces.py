@@ -33,8 +33,8 @@ from optimizers import rng
 class Ascent:
     """What the ascent pieces transform, one entry per parameter (None where the parameter has no gradient).
 
-    ``numerators`` is s(g) and may be changed in place (it is the step's own copy); ``norm_terms`` is n(g) and
-    must be replaced, not changed in place (it may be the gradient itself). ``groups[i]`` is the parameter group of
+    ``numerators`` is s(g) and ``norm_terms`` n(g); both start as the gradients themselves (no copy), so a piece
+    replaces an entry with a new tensor and never writes into one in place. ``groups[i]`` is the parameter group of
     ``params[i]``, where the pieces read their hyperparameters; ``generator`` is the optimizer's own.
     """
 
@@ -139,8 +139,8 @@ class WeightScaled(Piece):
                     raise ValueError("asam_exempt_biases needs the parameters' names: pass named_parameters=")
                 if "weight" not in name:
                     continue
-            scale = param.detach().abs() + ascent.groups[i]["eta"]
-            numerator.mul_(scale).mul_(scale)
+            scale = param.detach().abs().add_(ascent.groups[i]["eta"])
+            ascent.numerators[i] = torch.mul(numerator, scale).mul_(scale)
             ascent.norm_terms[i] = ascent.norm_terms[i] * scale
 
 
@@ -178,7 +178,7 @@ class FisherMask(Piece):
             mask = self.masks.get(name) if name is not None else None
             if numerator is None or mask is None:
                 continue
-            numerator.mul_(mask)
+            ascent.numerators[i] = numerator * mask
             if self.exact_rho:
                 ascent.norm_terms[i] = ascent.norm_terms[i] * mask
 
@@ -199,13 +199,14 @@ class BernoulliKeep(Piece):
         _in_range(group, "esam_beta", 0.0, 1.0)
 
     def ascent(self, ascent):
-        for param, numerator, group in zip(ascent.params, ascent.numerators, ascent.groups, strict=True):
+        entries = zip(ascent.params, ascent.numerators, ascent.groups, strict=True)
+        for i, (param, numerator, group) in enumerate(entries):
             keep_probability = group["esam_beta"]
             if numerator is None or keep_probability >= 1:
                 continue
             # cpu: drawn from the optimizer's CPU generator (the same draws on every device), moved next line
             keep = torch.rand(param.shape, generator=ascent.generator) < keep_probability
-            numerator.mul_(keep.to(numerator.device)).div_(keep_probability)
+            ascent.numerators[i] = (numerator * keep.to(numerator.device)).div_(keep_probability)
 
 
 class DataSelection(Piece):
@@ -351,9 +352,12 @@ class InstanceReweighting(Piece):
     def instance_probe(self, optimizer, closure, chunk):
         params = optimizer.parameters()
         radius = optimizer.radius(optimizer.param_groups[0])
+        # cpu: drawn from the optimizer's CPU generator (the same draws on every device), then scaled in place
         directions = [torch.randn(p.shape, generator=optimizer.generator, dtype=p.dtype).to(p.device) for p in params]
         norm = global_norm(directions)
-        epsilon = [radius * d / norm for d in directions] if norm > 0 else [None] * len(params)
+        if norm > 0:
+            torch._foreach_mul_(directions, radius / norm)
+        epsilon = directions if norm > 0 else [None] * len(params)
         masks = rng.snapshot(params)
         with optimizer.perturbed(epsilon):
             probe = closure(chunk).detach()
@@ -395,5 +399,13 @@ def delta_sam_weights(guardedness: torch.Tensor, beta: float) -> torch.Tensor:
 
 
 def global_norm(tensors: list[torch.Tensor]) -> float:
-    """L2 norm over a list of tensors: per-tensor norms in their dtype, combined in float64 (no upcast copies)."""
-    return math.sqrt(sum(float(torch.linalg.vector_norm(t)) ** 2 for t in tensors))
+    """L2 norm over a list of tensors: per-tensor norms in their dtype (one fused ``_foreach_norm`` per device and
+    dtype), combined in float64 (no upcast copies) with one host synchronisation per device."""
+    by_kind: dict[tuple[torch.device, torch.dtype], list[torch.Tensor]] = {}
+    for tensor in tensors:
+        by_kind.setdefault((tensor.device, tensor.dtype), []).append(tensor)
+    total = 0.0
+    for group in by_kind.values():
+        norms = torch.stack(torch._foreach_norm(group)).double()
+        total += float(norms.square().sum())
+    return math.sqrt(total)

@@ -245,35 +245,47 @@ class SharpnessAware(ClosureOptimizer):
             params=params,
             names=self.names(),
             groups=groups,
-            numerators=[None if g is None else g.clone() for g in grads],
+            numerators=list(grads),
             norm_terms=list(grads),
             generator=self.generator,
         )
         for piece in self.pieces:
             piece.ascent(ascent)
         norm = global_norm([n for n in ascent.norm_terms if n is not None])
+        self._epsilon_norm = 0.0
         if norm == 0 or not math.isfinite(norm):
             return [None] * len(params)
         epsilon = []
-        for numerator, group in zip(ascent.numerators, groups, strict=True):
+        for numerator, grad, group in zip(ascent.numerators, grads, groups, strict=True):
             rho = self.radius(group)
-            epsilon.append(None if numerator is None or rho == 0 else numerator.mul_(rho / norm))
+            if numerator is None or rho == 0:
+                epsilon.append(None)
+            elif numerator is grad:  # still the gradient (SAM): a new tensor; else the pieces' own, scaled in place
+                epsilon.append(numerator * (rho / norm))
+            else:
+                epsilon.append(numerator.mul_(rho / norm))
+        radii = {self.radius(group) for group in groups}
+        if len(radii) == 1 and all(n is t for n, t in zip(ascent.numerators, ascent.norm_terms, strict=True)):
+            self._epsilon_norm = radii.pop()  # ε = ρ·n/‖n‖: its norm is ρ, no pass over ε needed
+        else:
+            self._epsilon_norm = global_norm([e for e in epsilon if e is not None])
         return epsilon
 
     def perturb(self, epsilon: list[torch.Tensor | None]) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """Add ε to the parameters in place; returns the saved values that :meth:`restore` copies back."""
-        params = self.parameters()
-        saved = [(p, p.detach().clone()) for p, e in zip(params, epsilon, strict=True) if e is not None]
-        for param, eps in zip(params, epsilon, strict=True):
-            if eps is not None:
-                param.add_(eps)
+        moved = [(p, e) for p, e in zip(self.parameters(), epsilon, strict=True) if e is not None]
+        if not moved:
+            return []
+        targets = [p for p, _ in moved]
+        saved = list(zip(targets, [p.detach().clone() for p in targets], strict=True))
+        torch._foreach_add_(targets, [e for _, e in moved])
         return saved
 
     @staticmethod
     def restore(saved: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
         """Copy the values :meth:`perturb` saved back (a bitwise restore: w + ε − ε is not w in floating point)."""
-        for param, value in saved:
-            param.copy_(value)
+        if saved:
+            torch._foreach_copy_([p for p, _ in saved], [value for _, value in saved])
 
     @contextmanager
     def perturbed(self, epsilon: list[torch.Tensor | None]):
@@ -335,7 +347,7 @@ class SharpnessAware(ClosureOptimizer):
             # zero_grad(set_to_none) below drops these tensors from .grad without writing to them: no copy needed.
             ascent_grads = [p.grad for p in params]
             epsilon = self.perturbation(params, ascent_grads)
-            report.perturbation_norm = global_norm([e for e in epsilon if e is not None])
+            report.perturbation_norm = self._epsilon_norm
             descent_chunk = chunk if own_descent else None
             with self.perturbed(epsilon):
                 self.zero_grad(set_to_none=True)
