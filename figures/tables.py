@@ -2,10 +2,12 @@
 
 For every completed run, the metric is the last dev evaluation in its ``metrics.jsonl`` (never the copy in
 ``run.json``) and the row / column keys are its config's values (``task``, ``sam``, ``optimizer``, ``sparsity``...).
-Cells give the mean ± sample standard deviation over the runs that share a row and a column (seeds) and their
-count, scaled by 100 as the papers print them (FSAM Table 1, δ-SAM Table 1); ``Avg`` is the mean of a row's cell
-means (the papers' Avg column); the best cell of each row is marked. With ``baseline`` (a column value), each cell
-also gives its paired difference to the baseline over the seeds both have: the mean and a 95 % t interval.
+Rows and columns may combine options (``sam,ascent_fraction``: values joined as ``sam/0.25``); two runs that fall
+in one cell under one seed are refused, naming the options that differ. Cells give the mean ± sample standard
+deviation over the runs that share a row and a column (seeds) and their count, scaled by 100 as the papers print
+them (FSAM Table 1, δ-SAM Table 1); ``Avg`` is the mean of a row's cell means (the papers' Avg column); the best
+cell of each row is marked. With ``baseline`` (a column value), each cell also gives its paired difference to the
+baseline over the seeds both have: the mean and a 95 % t interval.
 """
 
 from __future__ import annotations
@@ -68,6 +70,12 @@ class Table:
         return mean, mean - half, mean + half, len(seeds)
 
 
+def option_value(config: dict[str, Any], options: str) -> Any:
+    """The value of a row or column: one option's value, or for ``a,b`` the values joined as ``va/vb``."""
+    keys = options.split(",")
+    return config[keys[0]] if len(keys) == 1 else "/".join(str(config[key]) for key in keys)
+
+
 def run_directories(paths: Iterable[str | os.PathLike[str]]) -> list[Path]:
     """Run directories from ``paths``: run directories themselves, or sweep directories (their trials)."""
     found: list[Path] = []
@@ -102,10 +110,11 @@ def build_table(
     if not runs:
         raise ConfigError("no completed run found; expected run directories or a sweep with finished trials")
     cells: dict[tuple[Any, Any], Cell] = {}
+    owners: dict[tuple[Any, Any, Any], RunRecord] = {}  # (row, col, seed) -> the run that gave the value
     names = set()
     for run in runs:
         config = upgrade_config(dict(run.config))
-        for key in (rows, cols):
+        for key in (*rows.split(","), *cols.split(",")):
             if key not in config:
                 raise ConfigError(f"run {run.path} has no option {key!r}; expected a key of its run.json config")
         name = metric or run.metric_name or primary_metric(run.task, [])
@@ -113,8 +122,19 @@ def build_table(
         value = final_dev_metric(run, name) if name else None
         if value is None:
             continue
-        cell = cells.setdefault((config[rows], config[cols]), Cell())
-        cell.values[config.get("seed", len(cell.values))] = value
+        row, col = option_value(config, rows), option_value(config, cols)
+        cell = cells.setdefault((row, col), Cell())
+        seed = config.get("seed", len(cell.values))
+        other = owners.setdefault((row, col, seed), run)
+        if other is not run:  # two runs in one cell under one seed: averaging or keeping one would hide one
+            differ = sorted(key for key in {*config, *other.config} - {"out", "seed"}
+                            if config.get(key) != upgrade_config(dict(other.config)).get(key))  # fmt: skip
+            raise ConfigError(
+                f"runs {other.path} and {run.path} fall in one cell ({rows}={row}, {cols}={col}, seed {seed}) but "
+                f"differ in {', '.join(differ) or 'nothing recorded'}; expected options that separate them, e.g. "
+                f"--cols {cols},{differ[0] if differ else 'OPTION'}"
+            )
+        cell.values[seed] = value
     if len(names) > 1 and metric is None:
         raise ConfigError(f"the runs have different primary metrics ({', '.join(sorted(names))}); pass --metric")
     row_values = list(dict.fromkeys(r for r, _ in cells))

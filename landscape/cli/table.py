@@ -13,8 +13,13 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         "are config options, cells the mean ± std over seeds of the final dev metric from each run's metrics.jsonl.",
     )
     parser.add_argument("inputs", nargs="+", metavar="RUN_OR_SWEEP", help="run directories or sweep directories")
-    parser.add_argument("--rows", default="task", help="config option of the rows (default task)")
-    parser.add_argument("--cols", default="sam", help="config option of the columns (default sam)")
+    parser.add_argument("--rows", default="task", help="config option of the rows, or several as a,b (default task)")
+    parser.add_argument(
+        "--cols",
+        default="sam",
+        help="config option of the columns, or several as a,b, e.g. sam,ascent_fraction (default sam); two runs "
+        "of one cell and seed are refused",
+    )
     parser.add_argument("--metric", help="dev metric (default: the task's primary metric)")
     parser.add_argument("--baseline", help="a column value: add each cell's paired difference to it")
     parser.add_argument("--format", choices=("md", "csv", "latex"), default="md", help="output format (default md)")

@@ -11,6 +11,7 @@ from helpers import exit_status, kill_9_when
 from analyses.sweep import cost_key, plan, read_spec
 from figures.tables import build_table, format_table
 from landscape.cli.main import main
+from landscape.core.errors import ConfigError
 
 
 def write_spec(path, tiny_model_dir, tiny_data_dir, without=(), **sections):
@@ -72,6 +73,16 @@ def test_the_table_is_the_hand_computed_mean_and_std_of_the_runs_records(sweep, 
     text = capsys.readouterr().out
     assert f"{100 * expected['none'][0]:.1f}" in text and "(n=2)" in text and "Δ" in text
     assert format_table(table, "latex").count("\\\\") == 2 and format_table(table, "csv").count("\n") == 2
+
+
+def test_two_runs_of_one_cell_and_seed_are_refused_and_combined_columns_separate_them(sweep):
+    """Keeping either run (or averaging them as seeds) would hide one: SAM and efficient SAM under --cols sam."""
+    _, out = sweep
+    with pytest.raises(ConfigError, match=r"fall in one cell \(task=sst2, optimizer=adamw, seed 1\) but differ in sam"):
+        build_table([out], rows="task", cols="optimizer")
+    table = build_table([out], rows="task", cols="sam,seed")
+    assert sorted(table.cols) == ["none/1", "none/2", "sam/1", "sam/2"]
+    assert all(len(table.cells["sst2", col].values) == 1 for col in table.cols)
 
 
 def test_a_failing_trial_is_recorded_and_the_others_run(tmp_path, tiny_model_dir, tiny_data_dir, capsys):
