@@ -199,8 +199,35 @@ def dev_metric_bands(sources: Sequence[RunSource], *, metric: str | None = None)
     seed faint."""
     runs = [as_run_record(source) for source in sources]
     fig, (ax,) = new_figure()
-    drawn = False
-    names = set()
+    names: set[str] = set()
+    groups = _evaluated_groups(runs, metric, names)
+    if not groups:
+        raise ConfigError("no run has dev evaluations in metrics.jsonl; train with --eval-every N")
+    if all(len(steps) == 1 for _, _, steps, _ in groups):
+        return _final_metric_strip(fig, ax, groups, names, runs)
+    colours_used: dict[str, int] = {}
+    for group, members, steps, values in groups:
+        style = optimizer_style(members[0].label)
+        # Groups of one variant (SAM and efficient SAM) share its colour: tell them apart by the line's dash.
+        repeat = colours_used[style["color"]] = colours_used.get(style["color"], -1) + 1
+        style = {**style, "linestyle": ("-", "--", ":", "-.")[repeat % 4]}
+        for row in values:
+            ax.plot(steps, row, color=style["color"], alpha=0.25, linewidth=0.6)
+        mean = values.mean(axis=0)
+        ax.plot(steps, mean, label=f"{group} (n = {len(values)})", **{**style, "marker": None})
+        if len(values) > 1:
+            spread = values.std(axis=0)
+            ax.fill_between(steps, mean - spread, mean + spread, color=style["color"], alpha=0.18, linewidth=0)
+    ax.set_xlabel("step")
+    ax.set_ylabel("dev " + " / ".join(sorted(names)))
+    ax.set_title(" / ".join(sorted({run.task for run in runs})))
+    ax.legend(loc="best", fontsize="x-small")
+    return fig
+
+
+def _evaluated_groups(runs, metric, names) -> list[tuple[str, list, list[int], np.ndarray]]:
+    """(group, its runs, the evaluated steps all its seeds share, values [seeds, steps]) of every seed group."""
+    groups = []
     for group, members in seed_groups(runs).items():
         series = {}
         for run in members:
@@ -211,25 +238,24 @@ def dev_metric_bands(sources: Sequence[RunSource], *, metric: str | None = None)
             points = {int(r["step"]): float(r[name]) for r in run.records_of("eval") if name in r and "step" in r}
             if points:
                 series[run.path] = points
-        if not series:
-            continue
-        steps = sorted(set.intersection(*(set(p) for p in series.values())))
-        if not steps:
-            continue
-        values = np.array([[points[step] for step in steps] for points in series.values()])
+        steps = sorted(set.intersection(*(set(p) for p in series.values()))) if series else []
+        if steps:
+            groups.append((group, members, steps, np.array([[p[t] for t in steps] for p in series.values()])))
+    return groups
+
+
+def _final_metric_strip(fig, ax, groups, names, runs) -> Figure:
+    """Runs evaluated once (at the end): no curve to draw; each group's seeds as dots and their mean ± std."""
+    for x, (_, members, _, values) in enumerate(groups):
         style = optimizer_style(members[0].label)
-        for row in values:
-            ax.plot(steps, row, color=style["color"], alpha=0.25, linewidth=0.6)
-        mean = values.mean(axis=0)
-        ax.plot(steps, mean, label=f"{group} (n = {len(values)})", **{**style, "marker": None})
-        if len(values) > 1:
-            spread = values.std(axis=0)
-            ax.fill_between(steps, mean - spread, mean + spread, color=style["color"], alpha=0.18, linewidth=0)
-        drawn = True
-    if not drawn:
-        raise ConfigError("no run has dev evaluations in metrics.jsonl; train with --eval-every N")
-    ax.set_xlabel("step")
-    ax.set_ylabel("dev " + " / ".join(sorted(names)))
-    ax.set_title(" / ".join(sorted({run.task for run in runs})))
-    ax.legend(loc="best", fontsize="x-small")
+        finals = values[:, 0]
+        ax.scatter(np.full(len(finals), x), finals, color=style["color"], alpha=0.45, s=14, linewidths=0)
+        spread = finals.std() if len(finals) > 1 else 0.0
+        ax.errorbar([x], [finals.mean()], yerr=[spread], color=style["color"], marker="o", capsize=3, markersize=5)
+    ax.set_xticks(range(len(groups)))
+    ax.set_xticklabels([f"{group}\n(n = {len(values)})" for group, _, _, values in groups], fontsize="xx-small",
+                       rotation=25, ha="right")  # fmt: skip
+    ax.set_ylabel("final dev " + " / ".join(sorted(names)))
+    ax.set_title(" / ".join(sorted({run.task for run in runs})) + "\none evaluation per run: mean ± std over seeds",
+                 fontsize="small")  # fmt: skip
     return fig

@@ -404,6 +404,25 @@ def test_sweeps_over_seeds_draw_bands_and_every_seed(tmp_path):
     assert "rho-cola" in stems and "dev-bands-cola" in stems
 
 
+def test_runs_evaluated_once_draw_each_groups_seeds_and_mean_not_an_empty_curve(tmp_path):
+    """A sweep without --eval-every has one dev evaluation per run: a curve of one point draws nothing, so each
+    group is a column of its seeds' dots with the mean ± std (computed by hand here)."""
+    from figures.runs import dev_metric_bands
+
+    runs = []
+    for sam, base in (("none", 0.30), ("sam", 0.40)):
+        for seed in (1, 2, 3):
+            run = write_run(tmp_path / f"{sam}-{seed}", sam=sam, seed=seed, mcc=0.0)
+            records = [{"kind": "eval", "step": 60, "split": "dev", "loss": 0.7, "mcc": base + seed / 100}]
+            (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+            runs.append(run)
+    ax = dev_metric_bands(runs).axes[0]
+    assert [label.get_text() for label in ax.get_xticklabels()] == ["adamw\n(n = 3)", "adamw+sam\n(n = 3)"]
+    means = [line.get_ydata()[0] for line in ax.get_lines() if line.get_marker() == "o"]
+    np.testing.assert_allclose(means, [0.32, 0.42])
+    assert sum(len(c.get_offsets()) for c in ax.collections if len(c.get_offsets()) == 3) == 6  # every seed
+
+
 def test_analyses_figures(tmp_path):
     from figures import fisher_distributions, hessian_spectrum, sharpness_vs_rho, transfer_bars
 
