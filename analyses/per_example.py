@@ -19,7 +19,8 @@ A parameter is taken this way only when the first batch proves it exact: Σ_i of
 its batch gradient from autograd (relative error ≤ ``CHECK_TOLERANCE``); one the loss does not depend on (in the first
 batch, hence in every batch) has a zero Fisher. A parameter also used outside its module's
 forward (a weight read directly, as DeBERTa reads its relative embeddings) fails the check and is left to the caller's
-general path (:data:`LayerGradients.uncovered`), as is every parameter of a layer of another type.
+general path (:data:`LayerGradients.uncovered`), as is every parameter of a layer of another type
+(docs/pitfalls.md §34).
 """
 
 from __future__ import annotations

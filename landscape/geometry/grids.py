@@ -75,7 +75,8 @@ class CellEvaluator:
         # What a cell must write. A parameter whose every direction is zero (biases and LayerNorm under
         # --ignore-1d) stays θ once written. Of an embedding table, only the rows the subset looks up can change
         # the loss (MiniLM: 11.7 M of its 22.7 M weights are word embeddings, most for tokens the subset lacks);
-        # the first evaluation records them (:meth:`_record_rows`) and later cells write those rows alone.
+        # the first evaluation records them (:meth:`_record_rows`) and later cells write those rows alone
+        # (docs/pitfalls.md §35).
         self._moving = [name for name in current if any(bool(d[name].any()) for d in self._directions)]
         self._rows: dict[str, torch.Tensor] | None = None if only_read_rows else {}
         self._full_point_written = False
