@@ -268,6 +268,8 @@ def compute_hessian(
         trace_samples=options.trace_samples if options.trace else None,
         matvecs=int(sum(int(unit["matvecs"]) for unit in units.values())),
         matvecs_this_session=operator.matvecs,
+        # beside --dry-run's estimate: the mean seconds of one product this session (start-up and saves excluded)
+        product_seconds_mean=operator.matvec_seconds / operator.matvecs if operator.matvecs else None,
         resumed_units=store.resumed_units,
         **evaluation_meta(evaluation),
     )

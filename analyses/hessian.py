@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import time
 import warnings
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
@@ -126,6 +127,7 @@ class HessianOperator:
         self._graphs: list[tuple[list[torch.Tensor], list[torch.Tensor]]] | None = None  # (gradients, leaves)
         self._graph_versions: list[int] | None = None
         self.matvecs = 0
+        self.matvec_seconds = 0.0  # wall time inside matvec: what --dry-run's seconds per product estimates
 
     # --- vectors <-> parameter blocks ------------------------------------------------------------------------
 
@@ -144,6 +146,7 @@ class HessianOperator:
         """``Hv`` for ``v`` [dim] (any float dtype; computed in the model's dtype) → [dim] float64."""
         if v.shape != (self.dim,):
             raise ConfigError(f"expected a vector of shape ({self.dim},), got {tuple(v.shape)}")
+        start = time.perf_counter()
         tangents = self.split(v)
         try:
             with eval_mode(self.model):
@@ -157,7 +160,9 @@ class HessianOperator:
                 raise error from exc
             raise
         self.matvecs += 1
-        return self.flatten(blocks)
+        result = self.flatten(blocks)
+        self.matvec_seconds += time.perf_counter() - start
+        return result
 
     def _batch_loss(self, values: dict[str, torch.Tensor], batch: Batch) -> torch.Tensor:
         """(1/N) Σ_{i∈batch} ℓᵢ with the selected parameters set to ``values``: this batch's share of L."""
