@@ -45,7 +45,7 @@ def run(args: argparse.Namespace) -> int:
         todo = sum(row["state"] != "done" for row in rows)
         print(
             f"{len(rows)} trials, {todo} to train, ~{total / 60:.1f} min of training on this machine (seconds per "
-            "step from the variant's finished trials, else 2 steps timed now; analyses and evaluations not counted)"
+            "step from finished trials of the same cost, else 2 steps timed now; analyses and evaluations not counted)"
         )
         return 0
     record = run_sweep(
