@@ -124,7 +124,7 @@ def empirical_fisher(
                 if per_example_grads is None:
                     example_nll = example_loss_function(model, dtype, _negative_log_likelihood)
                     per_example_grads = vmap(grad(example_nll), in_dims=(None, 0))
-                    rest = {name: selected[name].detach() for name in layers.uncovered}
+                rest = {name: selected[name].detach() for name in layers.uncovered}  # it may grow with a batch
                 # grad() ignores an enclosing no_grad for its own computation; the no_grad only keeps the ordinary
                 # autograd from recording a graph through the model's real parameters.
                 with torch.no_grad():
