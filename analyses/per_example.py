@@ -82,6 +82,7 @@ class LayerGradients:
         self.checked = False
         self.uncovered: list[str] = []
         self._buffers: dict[tuple, torch.Tensor] = {}
+        self._floor = 0.0
 
     @property
     def covered(self) -> list[str]:
@@ -130,13 +131,18 @@ class LayerGradients:
         deltas: dict[nn.Module, list[torch.Tensor | None]] = {module: [] for module in calls}
         for (module, _), delta in zip(used, grads[: len(outputs)], strict=True):
             deltas[module].append(delta)
-        # Each batch's squares are summed apart, then added to ``sums`` once: the first batch's wait for the check
-        # to decide which parameters they are right for, and every batch adds in the same order, so a Fisher resumed
-        # from its running sums (whose first batch is then another) is bitwise the uninterrupted one.
-        into: dict[str, torch.Tensor] = {}
-        totals: dict[str, torch.Tensor] | None = None if self.checked else {}
+        # Layer by layer, each parameter's squares of the batch are summed apart and then added to ``sums`` once:
+        # on the first batch they wait for that layer's check, every batch adds in the same order (so a Fisher
+        # resumed from its running sums, whose first batch is then another, is bitwise the uninterrupted one), and
+        # no more than one layer's temporaries are alive at a time.
+        batch_grads = None if self.checked else dict(zip(self.selected, grads[len(outputs) :], strict=True))
+        if batch_grads is not None:
+            # The floor: a gradient that is zero in exact arithmetic (BERT's attention key biases: softmax ignores
+            # a shift shared by all keys) is rounding noise on both sides; compared at the whole gradient's scale.
+            self._floor = 1e-5 * max((float(g.abs().max()) for g in batch_grads.values() if g is not None), default=0.0)
+        seen: set[str] = set()
         for module, (kind, own) in self.layers.items():
-            pairs = [(x, d) for (x, _), d in zip(calls[module], deltas[module], strict=True) if d is not None]
+            pairs = [(x, d) for (x, _), d in zip(calls.pop(module), deltas.pop(module), strict=True) if d is not None]
             own = {role: name for role, name in own.items() if name not in self.uncovered}
             if not pairs or not own:
                 continue
@@ -144,18 +150,21 @@ class LayerGradients:
                 # a call not batched by example (an input shared by the batch): not per example, leave it
                 self.uncovered.extend(own.values())
                 continue
+            into: dict[str, torch.Tensor] = {}
+            totals: dict[str, torch.Tensor] | None = None if batch_grads is None else {}
             self._layer(module, kind, own, pairs, batch_size, into, totals)
-        if totals is not None:
-            self._decide(dict(zip(self.selected, grads[len(outputs) :], strict=True)), totals)
-        for name in self.covered:
-            if name in into:  # else no path from the loss to it in this batch: its gradients are zero
-                sums[name].add_(into[name].to(sums[name].dtype))
+            if totals is not None:
+                self._decide({name: batch_grads[name] for name in own.values()}, totals)
+                seen.update(own.values())
+            for name, square in into.items():
+                if name not in self.uncovered:
+                    sums[name].add_(square.to(sums[name].dtype))
+        if batch_grads is not None:  # the parameters no layer of a known type computed
+            self._decide({name: g for name, g in batch_grads.items() if name not in seen}, {})
+            self.checked = True
 
     def _decide(self, batch_grads: dict[str, torch.Tensor | None], grad_sums: dict[str, torch.Tensor]) -> None:
         """Keep a parameter only where Σ_i g_i equals autograd's batch gradient (the first batch's proof)."""
-        # The floor: a gradient that is zero in exact arithmetic (BERT's attention key biases: softmax ignores a
-        # shift shared by all keys) is rounding noise on both sides; compare it at the scale of the whole gradient.
-        floor = 1e-5 * max((float(g.abs().max()) for g in batch_grads.values() if g is not None), default=0.0)
         for name, reference in batch_grads.items():
             found = grad_sums.get(name)
             if reference is None:
@@ -165,12 +174,12 @@ class LayerGradients:
                     self.uncovered.append(name)
                 continue
             if found is None:
-                self.uncovered.append(name)
+                if name not in self.uncovered:
+                    self.uncovered.append(name)
                 continue
-            scale = max(float(reference.abs().max()), floor) or 1.0
+            scale = max(float(reference.abs().max()), self._floor) or 1.0
             if float((found - reference).abs().max()) > CHECK_TOLERANCE * scale:
                 self.uncovered.append(name)
-        self.checked = True
 
     def _layer(
         self,

@@ -137,6 +137,11 @@ class SharpnessAware(ClosureOptimizer):
 
     # --- hyperparameters -----------------------------------------------------------------------------------------
 
+    @property
+    def _combines(self) -> bool:
+        """A piece combines the descent gradient with the ascent gradient (GSAM, LookSAM): keep the latter."""
+        return any(type(piece).combine is not Piece.combine for piece in self.pieces)
+
     def _install_hyperparameters(self) -> None:
         """Give every group (and the defaults, for groups added later) each hyperparameter it lacks; check them."""
         for group in [*self.param_groups, self.defaults]:
@@ -238,8 +243,13 @@ class SharpnessAware(ClosureOptimizer):
 
     # --- the step ------------------------------------------------------------------------------------------------
 
-    def perturbation(self, params: list[torch.Tensor], grads: list[torch.Tensor | None]) -> list[torch.Tensor | None]:
-        """ε per parameter (None where zero) from the ascent gradients, with one global norm over all parameters."""
+    def perturbation(
+        self, params: list[torch.Tensor], grads: list[torch.Tensor | None], *, in_place: bool = False
+    ) -> list[torch.Tensor | None]:
+        """ε per parameter (None where zero) from the ascent gradients, with one global norm over all parameters.
+
+        ``in_place``: ε may take the gradients' own storage (the caller needs them no more), which saves SAM one
+        copy of the weights' size in memory."""
         groups = [group for group in self.param_groups for _ in group["params"]]
         ascent = Ascent(
             params=params,
@@ -260,7 +270,7 @@ class SharpnessAware(ClosureOptimizer):
             rho = self.radius(group)
             if numerator is None or rho == 0:
                 epsilon.append(None)
-            elif numerator is grad:  # still the gradient (SAM): a new tensor; else the pieces' own, scaled in place
+            elif numerator is grad and not in_place:  # still the gradient (SAM): a new tensor
                 epsilon.append(numerator * (rho / norm))
             else:
                 epsilon.append(numerator.mul_(rho / norm))
@@ -345,8 +355,11 @@ class SharpnessAware(ClosureOptimizer):
                 accumulated = [p.grad for p in params]
                 continue
             # zero_grad(set_to_none) below drops these tensors from .grad without writing to them: no copy needed.
+            # Only GSAM / LookSAM combine with the ascent gradient afterwards; otherwise ε takes its storage.
             ascent_grads = [p.grad for p in params]
-            epsilon = self.perturbation(params, ascent_grads)
+            epsilon = self.perturbation(params, ascent_grads, in_place=not self._combines)
+            if not self._combines:
+                ascent_grads = [None] * len(params)
             report.perturbation_norm = self._epsilon_norm
             descent_chunk = chunk if own_descent else None
             with self.perturbed(epsilon):
