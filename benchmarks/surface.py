@@ -27,6 +27,7 @@ import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -43,6 +44,19 @@ from landscape.models.jobs import DataSelection  # noqa: E402
 from landscape.models.loading import load_model  # noqa: E402
 from landscape.models.runs import evaluate_subset, open_run, select_subset  # noqa: E402
 from landscape.models.weights import save_weights  # noqa: E402
+
+
+def forward_timer(model: torch.nn.Module, subset) -> Callable[[], float]:
+    """A function timing one bare eval-mode forward of ``model`` over the subset's batches (seconds)."""
+
+    def bare_forward() -> float:
+        start = time.perf_counter()
+        with torch.inference_mode():
+            for batch in subset.batches:
+                model(**model_inputs(batch))
+        return time.perf_counter() - start
+
+    return bare_forward
 
 
 def model_state(model: torch.nn.Module) -> tuple[dict[str, bytes], dict[str, bool], dict[str, bool]]:
@@ -104,13 +118,7 @@ def main() -> int:
         model.eval()
         subset = select_subset(run, loaded.tokenizer, samples=args.samples, seed=0, batch_size=args.batch_size)
 
-        def bare_forward() -> float:
-            start = time.perf_counter()
-            with torch.inference_mode():
-                for batch in subset.batches:
-                    model(**model_inputs(batch))
-            return time.perf_counter() - start
-
+        bare_forward = forward_timer(model, subset)
         bare_forward()  # warm-up
         forwards = [bare_forward() for _ in range(args.forward_repeats)]
         t_forward = statistics.median(forwards)
@@ -196,13 +204,7 @@ def cli_cell_cost(run_dir: Path, tmp: Path, args: argparse.Namespace) -> dict[st
     loaded = load_model("minilm", run.task, seed=0)
     model = loaded.model.eval()
     subset = select_subset(run, loaded.tokenizer, samples=args.cli_samples, seed=0, batch_size=args.batch_size)
-
-    def bare_forward() -> float:
-        start = time.perf_counter()
-        with torch.inference_mode():
-            for batch in subset.batches:
-                model(**model_inputs(batch))
-        return time.perf_counter() - start
+    bare_forward = forward_timer(model, subset)
 
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": str(args.threads)}
 

@@ -199,8 +199,7 @@ def dev_metric_bands(sources: Sequence[RunSource], *, metric: str | None = None)
     seed faint."""
     runs = [as_run_record(source) for source in sources]
     fig, (ax,) = new_figure()
-    names: set[str] = set()
-    groups = _evaluated_groups(runs, metric, names)
+    groups, names = _evaluated_groups(runs, metric)
     if not groups:
         raise ConfigError("no run has dev evaluations in metrics.jsonl; train with --eval-every N")
     if all(len(steps) == 1 for _, _, steps, _ in groups):
@@ -225,9 +224,10 @@ def dev_metric_bands(sources: Sequence[RunSource], *, metric: str | None = None)
     return fig
 
 
-def _evaluated_groups(runs, metric, names) -> list[tuple[str, list, list[int], np.ndarray]]:
-    """(group, its runs, the evaluated steps all its seeds share, values [seeds, steps]) of every seed group."""
-    groups = []
+def _evaluated_groups(runs, metric) -> tuple[list[tuple[str, list, list[int], np.ndarray]], set[str]]:
+    """(group, its runs, the evaluated steps all its seeds share, values [seeds, steps]) of every seed group, and
+    the names of the metrics they read."""
+    groups, names = [], set()
     for group, members in seed_groups(runs).items():
         series = {}
         for run in members:
@@ -241,7 +241,7 @@ def _evaluated_groups(runs, metric, names) -> list[tuple[str, list, list[int], n
         steps = sorted(set.intersection(*(set(p) for p in series.values()))) if series else []
         if steps:
             groups.append((group, members, steps, np.array([[p[t] for t in steps] for p in series.values()])))
-    return groups
+    return groups, names
 
 
 def _final_metric_strip(fig, ax, groups, names, runs) -> Figure:

@@ -30,15 +30,26 @@ def positive_int(text: str) -> int:
     return value
 
 
-def positive_float(text: str) -> float:
-    """argparse type: a finite number > 0."""
+def _finite_float(text: str, *, zero_allowed: bool) -> float:
+    """A finite number > 0 (>= 0 when ``zero_allowed``), or argparse's error naming the bad value."""
+    expected = "a number >= 0" if zero_allowed else "a positive number"
     try:
         value = float(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}") from None
-    if not (value > 0 and math.isfinite(value)):
-        raise argparse.ArgumentTypeError(f"expected a positive number, got {text}")
+        raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}") from None
+    if not (math.isfinite(value) and (value >= 0 if zero_allowed else value > 0)):
+        raise argparse.ArgumentTypeError(f"expected {expected}, got {text}")
     return value
+
+
+def positive_float(text: str) -> float:
+    """argparse type: a finite number > 0."""
+    return _finite_float(text, zero_allowed=False)
+
+
+def non_negative_float(text: str) -> float:
+    """argparse type: a finite number >= 0."""
+    return _finite_float(text, zero_allowed=True)
 
 
 def add_weights_argument(parser: argparse.ArgumentParser) -> None:
@@ -89,17 +100,6 @@ def add_output_arguments(parser: argparse.ArgumentParser) -> None:
         default=sys.stderr.isatty(),
         help="progress bar on stderr (default: when stderr is a terminal)",
     )
-
-
-def non_negative_float(text: str) -> float:
-    """argparse type: a finite number >= 0."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {text!r}") from None
-    if not (value >= 0 and math.isfinite(value)):
-        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {text}")
-    return value
 
 
 def add_checkpoint_argument(parser: argparse.ArgumentParser) -> None:

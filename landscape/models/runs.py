@@ -71,12 +71,10 @@ class Run:
             raise ConfigError(f"weights must be one of {', '.join(WEIGHTS)}, got {which!r}")
         if self.source == "adapter":
             raise CheckpointError(f"{self.path} is a PEFT adapter folder: it has no {which}.safetensors file")
-        if self.source == "file":
-            if which == "final":
-                return self.path
-            if self.run_dir is None:
-                raise CheckpointError(f"{self.path} lies in no run directory: it has no {which}.safetensors beside it")
-            return Run.weights_file(replace(self, path=self.run_dir, source="run"), which)
+        if self.source == "file" and which == "final":
+            return self.path
+        if self.source == "file" and self.run_dir is None:
+            raise CheckpointError(f"{self.path} lies in no run directory: it has no {which}.safetensors beside it")
         if self.source == "checkpoint":
             single = self.path / "model.safetensors"
             if which == "final" and single.is_file():
@@ -85,7 +83,7 @@ class Run:
                 f"{self.path} is a model checkpoint, not a run directory: it has no {which}.safetensors file"
                 + (" (its weights are sharded)" if which == "final" else "; give θ0 with --init MODEL")
             )
-        path = self.path / f"{which}.safetensors"
+        path = (self.run_dir if self.source == "file" else self.path) / f"{which}.safetensors"
         if not path.is_file():
             hint = " (the run has not finished: resume it with landscape train --resume)" if which == "final" else ""
             raise CheckpointError(f"{self.path} has no {which}.safetensors{hint}")
@@ -150,6 +148,16 @@ def open_run(
     )
 
 
+# A source that records no run.json (a checkpoint, an adapter, a lone weights file) is tokenized at this length.
+UNRECORDED_MAX_LENGTH = 128
+
+
+def unrecorded_run(path: str | Path, *, task: TaskSpec, model: str, data_dir: str | Path | None, **source: Any) -> Run:
+    """A :class:`Run` of a model source without a run.json: no config, the command line's task and data directory."""
+    return Run(path=Path(path), config={}, task=task, model=model, data_dir=resolve_data_dir(data_dir),
+               max_length=UNRECORDED_MAX_LENGTH, **source)  # fmt: skip
+
+
 def open_weights_file(path: str | Path, *, task: str | None, data_dir: str | Path | None, model: str | None) -> Run:
     """A :class:`Run` whose θ1 is one ``.safetensors`` file: inside a run directory (an intermediate
     ``checkpoints/step-N/model.safetensors``, ``init.safetensors``) it is that run's with the file as its weights;
@@ -164,15 +172,7 @@ def open_weights_file(path: str | Path, *, task: str | None, data_dir: str | Pat
     if not task or not model:
         missing = " and ".join(flag for flag, value in (("--task", task), ("--model", model)) if not value)
         raise ConfigError(f"{path} belongs to no run (no run.json above it); pass {missing} for its task and model")
-    return Run(
-        path=path,
-        config={},
-        task=get_task(task),
-        model=model,
-        data_dir=resolve_data_dir(data_dir),
-        max_length=128,
-        source="file",
-    )
+    return unrecorded_run(path, task=get_task(task), model=model, data_dir=data_dir, source="file")
 
 
 def is_checkpoint(path: str | Path) -> bool:
@@ -200,16 +200,7 @@ def open_checkpoint(path: str | Path, *, task: str | None, data_dir: str | Path 
     check_labels(model, spec)
     if init is not None:
         resolve_model_path(init)
-    return Run(
-        path=Path(path),
-        config={},
-        task=spec,
-        model=model,
-        data_dir=resolve_data_dir(data_dir),
-        max_length=128,
-        source="checkpoint",
-        init_model=init,
-    )
+    return unrecorded_run(path, task=spec, model=model, data_dir=data_dir, source="checkpoint", init_model=init)
 
 
 def open_adapter(path: str | Path, *, task: str | None, data_dir: str | Path | None, subspace: str) -> Run:
@@ -218,17 +209,8 @@ def open_adapter(path: str | Path, *, task: str | None, data_dir: str | Path | N
         raise ConfigError(
             f"{path} is a PEFT adapter folder, not a run directory: pass --task (its data is not recorded)"
         )
-    base = adapter_base(path)
-    return Run(
-        path=Path(path),
-        config={},
-        task=get_task(task),
-        model=base,
-        data_dir=resolve_data_dir(data_dir),
-        max_length=128,
-        source="adapter",
-        subspace=subspace,
-    )
+    return unrecorded_run(path, task=get_task(task), model=adapter_base(path), data_dir=data_dir, source="adapter",
+                          subspace=subspace)  # fmt: skip
 
 
 def check_labels(model: str, task: TaskSpec) -> None:

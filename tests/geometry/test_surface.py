@@ -369,6 +369,7 @@ def test_cells_write_only_the_embedding_rows_the_subset_reads_with_bitwise_the_s
         everything = [evaluator(cell) for cell in cells]
     with CellEvaluator(model, subset, [d1, d2]) as evaluator:
         restricted = [evaluator(cell) for cell in cells]
+        assert "bert.embeddings.LayerNorm.bias" not in evaluator._moving  # never written again after the first cell
         table = "bert.embeddings.word_embeddings.weight"
         read = evaluator._rows[table]
         tokens = torch.unique(torch.cat([batch["input_ids"].reshape(-1) for batch in subset.batches]))
