@@ -110,9 +110,12 @@ def test_dot_and_norm_accumulate_in_float64():
     flat_b = np.concatenate([b[name].double().numpy().ravel() for name in sorted(b)])
     assert dot(a, b) == pytest.approx(float(flat_a @ flat_b), rel=1e-12)
     assert norm(a) == pytest.approx(float(np.linalg.norm(flat_a)), rel=1e-12)
-    # Large float32 tensors: a float32 accumulation would lose digits that float64 keeps.
+    # Large float32 tensors: a float32 accumulation would lose digits that float64 keeps. 1e-9 admits any float64
+    # summation order (one thread sums sequentially: up to n·ε ≈ 1e-10 relative for n = 1e6; it had failed at
+    # 1e-12 with OMP_NUM_THREADS=1) and is 20x below a float32 accumulation's error here (torch's own float32 sum
+    # gives 1000200.0625, 2e-8 relative).
     big = {"x": torch.full((1_000_000,), 1.0001)}
-    assert dot(big, big) == pytest.approx(1_000_000 * float(np.float32(1.0001)) ** 2, rel=1e-12)
+    assert dot(big, big) == pytest.approx(1_000_000 * float(np.float32(1.0001)) ** 2, rel=1e-9)
 
 
 def test_check_same_keys_and_shapes_counts_and_names_the_differences():
