@@ -25,6 +25,7 @@ from analyses.spectral import (
     hutchpp,
     lanczos,
     lanczos_quadrature,
+    thresholds,
 )
 from landscape.core.errors import ConfigError
 from landscape.core.locks import locks_output
@@ -41,11 +42,11 @@ TRACE_METHODS = ("hutchinson", "hutchpp", "both")
 
 @dataclass(frozen=True)
 class HessianOptions:
-    """What to compute. ``which``: LA (largest algebraic, the native default), SA, or LM (largest magnitude, the
-    only one PyHessian finds); ``tol``: an eigenpair is converged when ‖Hv − λv‖ ≤ tol·max(1, |λ|); ``max_iter``:
-    Lanczos steps (default max(2k + 20, 40); PyHessian: iterations per eigenvalue, 100); ``density_sigma``: the
-    Gaussian broadening in eigenvalue units (default 1 % of the nodes' range); ``method``: the Hessian-vector
-    product (``analyses.hessian.HVP_METHODS``)."""
+    """What to compute. ``which``: LA (largest algebraic, the native default), SA, or LM (largest magnitude, the only
+    one PyHessian finds); ``tol``: an eigenpair is converged when ‖Hv − λv‖ ≤ tol·max(|λ|, the largest |eigenvalue|
+    seen) (``analyses.spectral.thresholds``); ``max_iter``: Lanczos steps (default max(2k + 20, 40); PyHessian:
+    iterations per eigenvalue, 100); ``density_sigma``: the Gaussian broadening in eigenvalue units (default 1 % of
+    the nodes' range); ``method``: the Hessian-vector product (``analyses.hessian.HVP_METHODS``)."""
 
     top_k: int = 5
     which: str | None = None
@@ -193,7 +194,7 @@ def compute_hessian(
         residuals = np.array(
             [float((operator.matvec(v) - value * v).norm()) for value, v in zip(values, vectors, strict=True)]
         )
-        converged = residuals <= options.tol * np.maximum(1.0, np.abs(values))
+        converged = residuals <= thresholds(options.tol, values, float(np.abs(values).max()))
         return {"eigenvalues": values, "residuals": residuals, "converged": converged,
                 "matvecs": np.int64(len(values))}  # fmt: skip
 

@@ -136,9 +136,16 @@ class HessianOperator:
         blocks = torch.split(v.to(device=self.device, dtype=self.dtype), self._sizes)
         return [block.reshape(shape) for block, shape in zip(blocks, self._shapes, strict=True)]
 
-    def flatten(self, blocks: Sequence[torch.Tensor]) -> torch.Tensor:
-        """One tensor per selected parameter → [dim] float64."""
-        return torch.cat([block.reshape(-1).to(torch.float64) for block in blocks])
+    def flatten(self, blocks: Sequence[torch.Tensor | None]) -> torch.Tensor:
+        """One tensor per selected parameter (None: zeros) → [dim] float64, written into one new vector (a
+        conversion per block then a concatenation would allocate and touch 12 bytes per parameter more)."""
+        flat = torch.empty(self.dim, dtype=torch.float64, device=self.device)
+        for piece, block in zip(torch.split(flat, self._sizes), blocks, strict=True):
+            if block is None:
+                piece.zero_()
+            else:
+                piece.copy_(block.reshape(-1))
+        return flat
 
     # --- the product -----------------------------------------------------------------------------------------
 
@@ -183,12 +190,12 @@ class HessianOperator:
         """Free the kept first-order graphs (they are rebuilt on the next product)."""
         self._graphs = self._graph_versions = None
 
-    def _double_backward(self, tangents: list[torch.Tensor]) -> list[torch.Tensor]:
+    def _double_backward(self, tangents: list[torch.Tensor]) -> list[torch.Tensor | None]:
         if self.keep_graph and (self._graphs is None or self._graph_versions != self._versions()):
             self.release()  # first product, or the weights changed in place since the graphs were built
             self._graphs = [self._gradient_graph(batch) for batch in self.batches]
             self._graph_versions = self._versions()
-        total = [torch.zeros_like(t) for t in tangents]
+        total: list[torch.Tensor | None] = [None] * len(tangents)  # a batch's products are ours: summed in place
         for index, batch in enumerate(self.batches):
             gradients, leaves = self._graphs[index] if self.keep_graph else self._gradient_graph(batch)
             # A gradient that does not depend on w (or a parameter the loss does not use) adds nothing.
@@ -205,7 +212,7 @@ class HessianOperator:
                 )
             for i, product in enumerate(products):
                 if product is not None:
-                    total[i] += product
+                    total[i] = product if total[i] is None else total[i].add_(product)
         return total
 
     def _forward_over_reverse(self, tangents: list[torch.Tensor]) -> list[torch.Tensor]:

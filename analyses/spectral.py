@@ -48,7 +48,7 @@ class EigenResult:
 
     ``eigenvalues`` [k]; ``eigenvectors`` [k, dim] float64 unit vectors (or None when not kept); ``residuals`` [k]
     the explicit ‖Avᵢ − λᵢvᵢ‖ (an extra product per pair, not an estimate); ``converged`` [k] bool, residual ≤
-    tol·max(1, |λᵢ|); ``matvecs``: products with A spent in total, the residual checks included.
+    :func:`thresholds`; ``matvecs``: products with A spent in total, the residual checks included.
     """
 
     eigenvalues: np.ndarray
@@ -71,6 +71,19 @@ class TraceEstimate:
     samples: int
     values: np.ndarray
     matvecs: int
+
+
+def thresholds(tol: float, values: np.ndarray, scale: float) -> np.ndarray:
+    """The residual under which each eigenpair counts as converged: ``tol·max(|λᵢ|, scale)``.
+
+    ``scale`` is the largest |eigenvalue| the method has seen (Ritz values, or the pairs found): an estimate of
+    ‖A‖ from below. So the test is relative to λ, and relative to the operator's size for an eigenvalue near zero
+    (a backward error: the pair is exact for A + E with ‖E‖ ≤ tol·scale). An absolute floor (``max(1, |λ|)``)
+    is not unit-free: on a Hessian whose curvature is mostly far below 1, the Rayleigh pair of the random start
+    vector, λ ≈ 0 with a residual ≈ 0.02, passed tol 0.1 after one product and was returned as the top
+    eigenvalue (8.2 on MiniLM; docs/pitfalls.md §36).
+    """
+    return tol * np.maximum(np.abs(np.asarray(values, dtype=np.float64)), scale)
 
 
 def _device(operator: Operator) -> torch.device:
@@ -99,21 +112,28 @@ def _rademacher(count: int, dim: int, generator: torch.Generator, device: torch.
 
 
 def _orthogonalize(w: torch.Tensor, basis: torch.Tensor) -> torch.Tensor:
-    """``w`` minus its projection on the orthonormal rows of ``basis`` [m, dim], in place (``w`` is returned).
+    """``w`` minus its projection on the orthonormal rows of ``basis`` [m, dim], in place (``w`` is returned)."""
+    return _orthogonalize_with_norm(w, basis)[0]
+
+
+def _orthogonalize_with_norm(w: torch.Tensor, basis: torch.Tensor) -> tuple[torch.Tensor, float]:
+    """:func:`_orthogonalize` and ‖w‖ after it (the norm its test computes anyway: one pass over dim saved).
 
     Classical Gram–Schmidt, repeated once when the pass removed most of ``w`` (the criterion of Daniel, Gragg,
-    Kaufman, Stewart 1976: ‖w_after‖ < ‖w_before‖/√2), which keeps ``w`` orthogonal to working accuracy.
+    Kaufman, Stewart 1976: ‖w_after‖ < ‖w_before‖/√2), which keeps ``w`` orthogonal to working accuracy. (One pass
+    with a laxer criterion is not enough inside Lanczos: a rounding error along a converged Ritz vector of
+    eigenvalue λ₁ grows by λ₁/|λ| at every later product; tests/analyses/test_hessian_spectral.py shows it.)
     """
-    if basis.shape[0] == 0:
-        return w
     before = float(torch.linalg.vector_norm(w))
+    if basis.shape[0] == 0:
+        return w, before
     for _ in range(2):
         w.addmv_(basis.T, basis @ w, alpha=-1.0)
         after = float(torch.linalg.vector_norm(w))
         if after >= before / math.sqrt(2):
             break
         before = after
-    return w
+    return w, after
 
 
 class _Lanczos:
@@ -150,12 +170,14 @@ class _Lanczos:
         w = _apply(self.operator, q)
         self.matvecs += 1
         alpha = float(torch.dot(q, w))
-        # The three-term recurrence removes the large components; the full pass then only removes rounding errors.
-        w.sub_(q, alpha=alpha)
+        # The three-term recurrence removes the large components (α along q, β along the previous q, in one pass
+        # over the two rows); the full pass then only removes rounding errors.
         if m > 0 and self.betas[m - 1] != 0.0:
-            w.sub_(self.storage[m - 1], alpha=self.betas[m - 1])
-        w = _orthogonalize(w, self.storage[: m + 1])
-        beta = float(torch.linalg.vector_norm(w))
+            recurrence = torch.tensor([self.betas[m - 1], alpha], dtype=w.dtype, device=w.device)
+            w.addmv_(self.storage[m - 1 : m + 1].T, recurrence, alpha=-1.0)
+        else:
+            w.sub_(q, alpha=alpha)
+        w, beta = _orthogonalize_with_norm(w, self.storage[: m + 1])
         self.alphas.append(alpha)
         scale = max(abs(alpha), *(abs(b) for b in self.betas), beta, 1e-300)
         if m + 1 >= min(self.operator.dim, self.storage.shape[0]):
@@ -241,10 +263,11 @@ def lanczos(
 ) -> EigenResult:
     """The k eigenpairs of A selected by ``which`` (LA largest algebraic, SA smallest, LM largest magnitude).
 
-    Runs at most ``max_iter`` Lanczos steps (default ``min(dim, max(2k + 20, 40))``) from a seeded Gaussian start.
-    After each step the Ritz pairs of T are checked with the a-posteriori bound |βₘ sₘᵢ|; when all k are below
-    ``tol·max(1, |θᵢ|)`` the Ritz vectors are formed and their residuals computed explicitly (k products); if one
-    fails, iterating resumes. The returned residuals and ``converged`` flags are always the explicit ones.
+    Runs at most ``max_iter`` Lanczos steps (default ``min(dim, max(2k + 20, 40))``) from a seeded Gaussian start. After
+    each step the Ritz pairs of T are checked with the a-posteriori bound |βₘ sₘᵢ|; when all k are below
+    :func:`thresholds` (scale: the largest |Ritz value|) the Ritz vectors are formed and their residuals computed
+    explicitly (k products); if one fails, iterating resumes. The returned residuals and ``converged`` flags are
+    always the explicit ones.
     Memory: the float64 basis, ``max_iter × dim × 8`` bytes.
 
     Resuming: ``keep`` is called before every step with a function that returns the iteration's state; handed back
@@ -275,10 +298,10 @@ def lanczos(
         ritz_values, ritz_coords = krylov.ritz()
         chosen = _select(ritz_values, k, which)
         bound = np.abs(krylov.betas[-1] * ritz_coords[-1, chosen])
-        thresholds = tol * np.maximum(1.0, np.abs(ritz_values[chosen]))
+        limits = thresholds(tol, ritz_values[chosen], float(np.abs(ritz_values).max()))
         finished = m >= max_iter or krylov.exhausted
         just_restarted = krylov.betas[-1] == 0.0 and not finished  # T holds an invariant block only: go on
-        if just_restarted or not (finished or np.all(bound <= thresholds)):
+        if just_restarted or not (finished or np.all(bound <= limits)):
             continue
         coords = torch.as_tensor(ritz_coords[:, chosen].T.copy(), device=krylov.device)  # [k, m]
         vectors = coords @ krylov.basis  # [k, dim]
@@ -288,7 +311,7 @@ def lanczos(
             image = _apply(operator, vectors[i])
             extra_matvecs += 1
             residuals[i] = float(torch.linalg.vector_norm(image - float(ritz_values[chosen[i]]) * vectors[i]))
-        converged = residuals <= thresholds
+        converged = residuals <= limits
         if converged.all() or finished:
             return EigenResult(
                 eigenvalues=ritz_values[chosen].copy(),
@@ -305,8 +328,9 @@ def power_iteration(
     """k eigenpairs of largest magnitude, one after another, each by power iteration with deflation.
 
     For pair j: v ← normalise(P A P v) with P the projector orthogonal to the j−1 vectors already found, λ = vᵀAv.
-    Stops when the residual of the deflated operator ‖PAv − λv‖ ≤ ``tol·max(1, |λ|)`` (a residual, not two
-    consecutive estimates), or after ``max_iter`` products. The reported residual is the explicit ‖Av − λv‖ of the
+    Stops when the residual of the deflated operator ‖PAv − λv‖ ≤ :func:`thresholds` (scale: the largest |λ| of
+    the pairs so far, this one's current estimate included; a residual, not two consecutive estimates), or after
+    ``max_iter`` products. The reported residual is the explicit ‖Av − λv‖ of the
     returned v with the undeflated A (free: Av is the last product), and ``converged`` is judged on it: a deflated
     pair inherits the error of the pairs found before it (about their residual), so it may be flagged unconverged
     although its deflated residual met ``tol``.
@@ -328,7 +352,8 @@ def power_iteration(
             value = float(torch.dot(v, image))
             full_residual = float(torch.linalg.vector_norm(image - value * v))
             deflated = _orthogonalize(image, found)
-            if float(torch.linalg.vector_norm(deflated - value * v)) <= tol * max(1.0, abs(value)):
+            scale = max([abs(value), *(abs(found_value) for found_value in values)])
+            if float(torch.linalg.vector_norm(deflated - value * v)) <= float(thresholds(tol, value, scale)):
                 break
             norm = torch.linalg.vector_norm(deflated)
             if float(norm) == 0.0:  # v is in the null space of PAP: it is an eigenvector with eigenvalue 0
@@ -342,7 +367,7 @@ def power_iteration(
         eigenvalues=values_array,
         eigenvectors=found,
         residuals=residual_array,
-        converged=residual_array <= tol * np.maximum(1.0, np.abs(values_array)),
+        converged=residual_array <= thresholds(tol, values_array, float(np.abs(values_array).max())),
         matvecs=matvecs,
     )
 

@@ -40,7 +40,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         "--tol",
         type=positive_float,
         default=1e-3,
-        help="eigenpair converged when ‖Hv − λv‖ ≤ tol·max(1, |λ|) (default 1e-3)",
+        help="eigenpair converged when ‖Hv − λv‖ ≤ tol·max(|λ|, largest |λ| seen) (default 1e-3)",
     )
     parser.add_argument(
         "--max-iter",

@@ -67,6 +67,36 @@ def test_lanczos_top_k_matches_eigvalsh(which):
         assert residual <= 1e-8 * max(1.0, abs(value))
 
 
+def test_lanczos_basis_stays_orthonormal_on_a_fast_converging_spectrum():
+    """Eigenvalues from 1e8 down to 1: the top pair converges in a few steps, after which each product is almost
+    all along the basis (‖w after‖ ≪ ‖Aq‖), the case one Gram–Schmidt pass leaves unorthogonal."""
+    matrix = with_spectrum(np.geomspace(1e8, 1.0, 80), seed=5)
+    states = []
+    lanczos(MatrixOperator(matrix), 1, which="LA", tol=1e-300, max_iter=80, keep=lambda state: states.append(state()))
+    basis = states[-1]["basis"]
+    assert basis.shape[0] >= 70  # it ran (almost) to the whole space
+    loss = np.abs(basis @ basis.T - np.eye(basis.shape[0])).max()
+    assert loss < 1e-12, loss
+    t = np.diag(states[-1]["alphas"]) + np.diag(states[-1]["betas"][:-1], 1) + np.diag(states[-1]["betas"][:-1], -1)
+    np.testing.assert_allclose(np.linalg.eigvalsh(t)[-3:], [1e8 * 10 ** (-8 * 2 / 79), 1e8 * 10 ** (-8 / 79), 1e8])
+
+
+@pytest.mark.parametrize("method", ["lanczos", "power"])
+def test_a_small_absolute_residual_near_zero_is_not_convergence(method):
+    """A Hessian-like spectrum: one eigenvalue 0.5, the rest within 1e-4 of zero. A random unit vector's Rayleigh
+    pair is λ ≈ 0 with a residual ≈ 0.5/√n ≈ 0.011, under tol = 0.1 in absolute terms; it must not be returned."""
+    n = 2000
+    rest = np.random.default_rng(2).uniform(-1e-4, 1e-4, n - 1)
+    matrix = with_spectrum(np.concatenate([[0.5], rest]), seed=2)
+    if method == "lanczos":
+        result = lanczos(MatrixOperator(matrix), 1, which="LA", tol=0.1)
+    else:
+        result = power_iteration(MatrixOperator(matrix), 1, tol=0.1)
+    assert result.eigenvalues[0] == pytest.approx(0.5, rel=0.1)
+    assert result.converged.all()
+    assert result.residuals[0] <= 0.1 * abs(result.eigenvalues[0])
+
+
 def test_largest_is_ambiguous_on_an_indefinite_operator():
     matrix = indefinite()
     assert lanczos(MatrixOperator(matrix), 1, which="LM", tol=1e-8).eigenvalues[0] == pytest.approx(-5, abs=1e-7)
