@@ -55,16 +55,40 @@ def make_base_optimizer(
     groups = parameter_groups(model.named_parameters(), weight_decay)
     if not groups:
         raise ValueError("the model has no trainable parameters")
+    fused = _fused(name, groups)
     if name == "adamw":
-        return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps)
+        return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps, **fused)
     if name == "adam":
-        return torch.optim.Adam(groups, lr=lr, betas=betas, eps=eps)
+        return torch.optim.Adam(groups, lr=lr, betas=betas, eps=eps, **fused)
     if name == "amsgrad":
-        return torch.optim.Adam(groups, lr=lr, betas=betas, eps=eps, amsgrad=True)
+        return torch.optim.Adam(groups, lr=lr, betas=betas, eps=eps, amsgrad=True, **fused)
     if name == "adagrad":
-        return torch.optim.Adagrad(groups, lr=lr, eps=1e-10)
+        return torch.optim.Adagrad(groups, lr=lr, eps=1e-10, **fused)
     if name == "adafactor":
         return torch.optim.Adafactor(groups, lr=lr)
     if not 0 <= momentum < 1:
         raise ValueError(f"SGD momentum must be in [0, 1), got {momentum}")
-    return torch.optim.SGD(groups, lr=lr, momentum=momentum)
+    return torch.optim.SGD(groups, lr=lr, momentum=momentum, **fused)
+
+
+#: the device types on which torch has a one-kernel ("fused") step for each base optimizer
+FUSED_DEVICES = {
+    "adamw": {"cpu", "cuda"},
+    "adam": {"cpu", "cuda"},
+    "amsgrad": {"cpu", "cuda"},
+    "sgd": {"cpu", "cuda"},
+    "adagrad": {"cpu"},
+}
+
+
+def _fused(name: str, groups: list[dict]) -> dict:
+    """``{"fused": True}`` when every parameter lies on a device where torch fuses ``name``'s step, else ``{}``.
+
+    Why: torch's default step on the CPU is a loop of about ten elementwise passes per tensor; the fused kernel makes
+    one. AdamW on MiniLM (22.7 M parameters, 1 thread): 0.047 s per step fused against 0.29 s, a sixth of a whole
+    training step, and spent again by every data-parallel process. The update is the same up to float rounding (the
+    kernel orders the arithmetic differently); tests/optimizers/test_optimizer_contract.py compares the two.
+    """
+    devices = {p.device.type for group in groups for p in group["params"]}
+    floating = all(p.dtype.is_floating_point for group in groups for p in group["params"])
+    return {"fused": True} if floating and devices <= FUSED_DEVICES.get(name, set()) else {}

@@ -151,3 +151,25 @@ def test_adafactor_first_step_is_the_written_out_update():
         alpha = max(1e-3, float(rms(theta))) * min(lr, 1.0)
         expected = theta * (1 - lr * weight_decay) - alpha * u
         torch.testing.assert_close(param.detach(), expected, rtol=1e-10, atol=1e-12, msg=name)
+
+
+@pytest.mark.parametrize("name", ["adamw", "adam", "amsgrad", "adagrad", "sgd"])
+def test_cpu_base_optimizers_take_the_fused_step_and_match_torch_loop(name):
+    """The fused kernel (one pass per tensor) is chosen on the CPU and updates like torch's elementwise loop."""
+    torch.manual_seed(0)
+    net = TinyNet()
+    loop_net = copy.deepcopy(net)
+    fused = make_base_optimizer(name, net, lr=0.1)
+    assert all(group["fused"] for group in fused.param_groups)
+    loop = make_base_optimizer(name, loop_net, lr=0.1)
+    for group in loop.param_groups:  # the same optimizer, stepped by torch's per-tensor loop (read at each step)
+        group.update(fused=False, foreach=False)
+    for step in range(5):
+        ids, labels = make_batch(step)
+        for optimizer, model in ((fused, net), (loop, loop_net)):
+            optimizer.zero_grad()
+            per_example(model, ids, labels).mean().backward()
+            optimizer.step()
+    for (key, a), (_, b) in zip(net.named_parameters(), loop_net.named_parameters(), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7, msg=key)
+    assert not torch.equal(net.linear.weight, copy.deepcopy(TinyNet()).linear.weight)  # it did move
