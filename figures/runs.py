@@ -5,6 +5,7 @@ training-data fraction (FSAM Fig. 2; Bahri et al. Fig. 1)."""
 from __future__ import annotations
 
 import os
+from collections import Counter
 from collections.abc import Callable, Sequence
 
 import numpy as np
@@ -26,6 +27,9 @@ SWEEP_LABELS = {
 }
 #: the SAM hyperparameters a sweep figure is drawn for (Bahri et al. Fig. 2: ρ, a, m; δ-SAM's β), among SAM runs
 SAM_SWEEPS = ("rho", "ascent_fraction", "m_sharpness", "delta_beta")
+#: above this many runs the curves' legend has one entry per optimizer label (its colour), not one per run: a sweep's
+#: dozen run names would not fit beside the axes
+MAX_LEGEND_RUNS = 6
 
 
 def _moving_average(values: np.ndarray, window: int) -> np.ndarray:
@@ -36,6 +40,20 @@ def _moving_average(values: np.ndarray, window: int) -> np.ndarray:
     return np.concatenate([np.full(window - 1, np.nan), smoothed])
 
 
+def _curve_labels(runs: Sequence[RunRecord]) -> list[str]:
+    """:func:`legend_labels`, or past :data:`MAX_LEGEND_RUNS` runs one "label (n runs)" per optimizer label on its first
+    run and matplotlib's hidden label ("_…") on the others."""
+    if len(runs) <= MAX_LEGEND_RUNS:
+        return legend_labels(runs)
+    counts = Counter(run.label for run in runs)
+    seen: set[str] = set()
+    labels = []
+    for run in runs:
+        labels.append(f"_{run.label}" if run.label in seen else f"{run.label} ({counts[run.label]} runs)")
+        seen.add(run.label)
+    return labels
+
+
 @styled
 def training_curves(sources: Sequence[RunSource], *, metric: str | None = None) -> Figure:
     """FSAM Fig. 6: top, training loss against step (thin: per step; thick: moving average; log scale when it spans
@@ -43,7 +61,7 @@ def training_curves(sources: Sequence[RunSource], *, metric: str | None = None) 
     ``metrics.jsonl`` evaluation records."""
     runs = [as_run_record(source) for source in sources]
     fig, (loss_ax, metric_ax) = new_figure(2, 1, sharex=True)
-    labels = legend_labels(runs)
+    labels = _curve_labels(runs)
     metric_names = set()
     losses = []
     for run, label in zip(runs, labels, strict=True):

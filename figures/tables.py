@@ -90,6 +90,9 @@ def run_directories(paths: Iterable[str | os.PathLike[str]]) -> list[Path]:
     return found
 
 
+EVAL_FIELDS = frozenset({"kind", "split", "step", "epoch", "loss", "time"})  # an eval record's non-metric keys
+
+
 def final_dev_metric(run: RunRecord, metric: str) -> float | None:
     """The metric of the run's last dev evaluation in metrics.jsonl, or None."""
     evals = [r for r in run.records_of("eval") if r.get("split", "dev") == "dev" and metric in r]
@@ -137,6 +140,12 @@ def build_table(
         cell.values[seed] = value
     if len(names) > 1 and metric is None:
         raise ConfigError(f"the runs have different primary metrics ({', '.join(sorted(names))}); pass --metric")
+    if not cells:
+        recorded = sorted({key for run in runs for r in run.records_of("eval") for key in r} - EVAL_FIELDS)
+        raise ConfigError(
+            f"no completed run has a dev {', '.join(sorted(names)) or 'metric'}; "
+            f"expected --metric to be one of {', '.join(recorded) or 'their recorded metrics (none found)'}"
+        )
     row_values = list(dict.fromkeys(r for r, _ in cells))
     col_values = list(dict.fromkeys(c for _, c in cells))
     if baseline is not None:

@@ -85,6 +85,15 @@ def test_two_runs_of_one_cell_and_seed_are_refused_and_combined_columns_separate
     assert all(len(table.cells["sst2", col].values) == 1 for col in table.cols)
 
 
+def test_a_metric_no_run_recorded_names_the_ones_they_did(sweep, capsys):
+    """Not "baseline ... expected one of []": the empty table's cause is the metric (CoLA records mcc only)."""
+    _, out = sweep
+    with pytest.raises(ConfigError, match=r"no completed run has a dev mcc; expected --metric to be one of accuracy$"):
+        build_table([out], metric="mcc", baseline="none")
+    assert main(["table", str(out), "--metric", "mcc"]) == 2
+    assert "landscape table: error: no completed run has a dev mcc" in capsys.readouterr().err
+
+
 def test_a_failing_trial_is_recorded_and_the_others_run(tmp_path, tiny_model_dir, tiny_data_dir, capsys):
     spec = write_spec(tmp_path / "spec.yaml", tiny_model_dir, tiny_data_dir, without=("task",),
                       grid={"task": ["cola", "sst2"]})  # fmt: skip

@@ -376,6 +376,21 @@ def test_training_curves_and_sweeps_read_run_directories(tmp_path):
     np.testing.assert_allclose(line.get_ydata(), [0.05, 0.5])  # the mean over the two seeds
 
 
+def test_a_sweeps_training_curves_have_one_legend_entry_per_optimizer(tmp_path):
+    """Twelve run names beside the axes collapsed the layout (a 12-trial sweep's figure had no room for its axes)."""
+    from figures import training_curves
+    from figures.runs import MAX_LEGEND_RUNS
+
+    runs = [write_run(tmp_path / f"{sam}{seed}", sam=sam, seed=seed) for sam in ("none", "sam") for seed in range(4)]
+    assert len(runs) > MAX_LEGEND_RUNS
+    fig = training_curves(runs)
+    for ax in fig.axes[:2]:
+        assert len([line for line in ax.get_lines() if not line.get_label().startswith("_")]) == 2
+    legend = [text.get_text() for text in fig.axes[0].get_legend().get_texts()]
+    assert legend == ["adamw (4 runs)", "adamw+sam (4 runs)"]
+    assert len(training_curves(runs[3:5]).axes[0].get_legend().get_texts()) == 2  # few runs: one entry each
+
+
 def test_sweeps_over_seeds_draw_bands_and_every_seed(tmp_path):
     from figures.catalogue import figure_specs
     from figures.runs import dev_metric_bands, metric_vs_sam_setting
