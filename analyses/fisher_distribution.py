@@ -37,6 +37,7 @@ from torch import nn
 from analyses.fisher import (
     FISHER_MODES,
     FisherResult,
+    check_chunk_size,
     check_sparsity,
     empirical_fisher,
     fisher_mask,
@@ -114,7 +115,7 @@ def fisher_diagonal(
     *,
     parameter_filter: Callable[[str], bool] | None = None,
     mode: str = "per-example",
-    chunk_size: int = 16,
+    chunk_size: int | None = None,
     state: Mapping[str, np.ndarray] | None = None,
     keep: Callable | None = None,
 ) -> FisherResult:
@@ -129,13 +130,20 @@ def fisher_diagonal(
         )
 
 
-def fisher_unit(model: nn.Module, batches: list, mode: str, store: Any, name: str) -> tuple[dict, int]:
+def fisher_unit(
+    model: nn.Module, batches: list, mode: str, store: Any, name: str, chunk_size: int | None = None
+) -> tuple[dict, int]:
     """The Fisher diagonal of ``model`` as the progress unit ``name`` of ``store`` (running sums kept while it runs);
-    returns (diagonal as float32 tensors, number of examples)."""
+    returns (diagonal as float32 tensors, number of examples). ``chunk_size``: as :func:`fisher_diagonal`."""
 
     def compute() -> dict[str, np.ndarray]:
         fisher = fisher_diagonal(
-            model, batches, mode=mode, state=store.partial(name), keep=lambda state: store.keep(name, state)
+            model,
+            batches,
+            mode=mode,
+            chunk_size=chunk_size,
+            state=store.partial(name),
+            keep=lambda state: store.keep(name, state),
         )
         arrays = {f"diagonal-{key}": value.cpu().numpy() for key, value in fisher.diagonal.items()}
         return {**arrays, "num_examples": np.int64(fisher.num_examples)}
@@ -277,8 +285,12 @@ def compute_fisher(
     overwrite: bool = False,
     device: str = "cpu",
     checkpoint_every: float = 60.0,
+    chunk_size: int | None = None,
 ) -> tuple[Result, bool]:
     """The ``fisher`` result of the run's ``weights`` on the examples ``data`` selects, saved to ``out``.
+
+    ``chunk_size``: examples per block of per-example gradients (None: from the device's free memory); it trades
+    memory for speed and changes the values only by float32 rounding, so it is not part of the result's identity.
 
     Resumable: the running sums are kept every ``checkpoint_every`` seconds and each finished diagonal at once; a
     rerun after a kill gives bitwise the arrays of an uninterrupted run.
@@ -295,6 +307,7 @@ def compute_fisher(
     if compare_weights is not None and compare_weights not in WEIGHTS:
         raise ConfigError(f"compare weights must be one of {', '.join(WEIGHTS)}, got {compare_weights!r}")
     check_sparsity(sparsity)
+    check_chunk_size(chunk_size)
     log10_edges({}, bins)  # validates the number of bins
     data = data or DataSelection(split="train", samples=128)
     run = data.open_run(run_path)
@@ -332,7 +345,7 @@ def compute_fisher(
     if job.complete is not None:
         return job.complete, True
     store = job.progress(every_seconds=checkpoint_every)
-    diagonal, num_examples = fisher_unit(loaded.model, subset.batches, mode, store, "fisher")
+    diagonal, num_examples = fisher_unit(loaded.model, subset.batches, mode, store, "fisher", chunk_size)
     arrays = fisher_distributions(diagonal, sparsity=sparsity, bins=bins)
     meta: dict[str, Any] = {
         "run": run.describe(),
@@ -346,7 +359,7 @@ def compute_fisher(
         "resumed_units": store.resumed_units,
     }
     if other_model is not None and other_run is not None:
-        other, _ = fisher_unit(other_model, subset.batches, mode, store, "compare")
+        other, _ = fisher_unit(other_model, subset.batches, mode, store, "compare", chunk_size)
         meta["compare"] = {
             "run": other_run.describe(),
             "weights": identity["compare"]["weights"],

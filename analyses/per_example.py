@@ -34,6 +34,24 @@ import torch.nn.functional as F
 from torch import nn
 
 CHECK_TOLERANCE = 1e-3  # relative; float32 sums of a batch differ from autograd's by ~1e-6, a misattribution by O(1)
+#: the largest automatic chunk (the Fisher benchmark's setting): a larger block costs memory linearly, and the
+#: batched products are already large at 32 examples (benchmarks/optimizer_overhead.py --fisher-chunk compares)
+MAX_AUTO_CHUNK = 32
+#: the share of the free memory the per-example block may take: the rest is the batch's activations and the model's
+AUTO_CHUNK_MEMORY_SHARE = 0.125
+
+
+def auto_chunk_size(model: nn.Module, parameters: Mapping[str, torch.Tensor], free_bytes: int | None) -> int:
+    """How many examples' gradients to hold at once: the [chunk, *shape] block of the largest selected parameter that
+    is not an ``nn.Embedding`` table (those are scattered by row, never held densely per example) within
+    ``AUTO_CHUNK_MEMORY_SHARE`` of ``free_bytes``, between 1 and ``MAX_AUTO_CHUNK``; ``MAX_AUTO_CHUNK`` when the free
+    memory is unknown. MiniLM: 384 × 1536 float32 = 2.4 MB per example, so 32 once 600 MB are free.
+    """
+    tables = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
+    per_example = max((p.numel() * p.element_size() for p in parameters.values() if id(p) not in tables), default=0)
+    if free_bytes is None or per_example == 0:
+        return MAX_AUTO_CHUNK
+    return max(1, min(MAX_AUTO_CHUNK, int(AUTO_CHUNK_MEMORY_SHARE * free_bytes) // per_example))
 
 
 def _kind(module: nn.Module) -> str | None:

@@ -424,16 +424,19 @@ def measure_bookkeeping(work: Workload, args: argparse.Namespace) -> dict[str, A
                     if "old_p" in peer.state[p]:
                         p.copy_(peer.state[p].pop("old_p"))
 
-    adamw_model = copy.deepcopy(work.model)
-    adamw = torch.optim.AdamW(adamw_model.parameters(), lr=args.lr)
-    for target, source in zip(adamw_model.parameters(), ours_model.parameters(), strict=True):
-        target.grad = None if source.grad is None else source.grad.clone()
+    adamw_model, fused_model = copy.deepcopy(work.model), copy.deepcopy(work.model)
+    adamw = torch.optim.AdamW(adamw_model.parameters(), lr=args.lr)  # torch's default: a loop over tensors
+    fused = make_base_optimizer("adamw", fused_model, lr=args.lr)  # ours: torch's fused kernel
+    for model in (adamw_model, fused_model):
+        for target, source in zip(model.parameters(), ours_model.parameters(), strict=True):
+            target.grad = None if source.grad is None else source.grad.clone()
 
     grads = [p.grad for p in params if p.grad is not None]
     checks: list[tuple[str, Callable[[], Any]]] = [
         ("ours_sam", ours_bookkeeping),
         ("peer_sam", peer_bookkeeping),
         ("adamw_base_step", adamw.step),
+        ("adamw_fused_step", fused.step),
         ("ours_global_norm", lambda: global_norm(grads)),
         ("foreach_norm", lambda: torch.stack(torch._foreach_norm(grads)).double().square().sum().sqrt()),
         ("clone_all_grads", lambda: [g.clone() for g in grads]),
@@ -741,8 +744,17 @@ def markdown(report: dict[str, Any]) -> str:
         f"{book['ours_sam']['p25'] * ms:.1f}–{book['ours_sam']['p75'] * ms:.1f} |",
         f"| pytorch-optimizer: `first_step` + restore | {book['peer_sam']['median'] * ms:.1f} | "
         f"{book['peer_sam']['p25'] * ms:.1f}–{book['peer_sam']['p75'] * ms:.1f} |",
-        f"| AdamW base step (for scale) | {book['adamw_base_step']['median'] * ms:.1f} | "
+        f"| AdamW step, torch's default loop (for scale) | {book['adamw_base_step']['median'] * ms:.1f} | "
         f"{book['adamw_base_step']['p25'] * ms:.1f}–{book['adamw_base_step']['p75'] * ms:.1f} |",
+        *(
+            [
+                f"| AdamW step, fused (`make_base_optimizer`, what every optimizer above steps with) | "
+                f"{book['adamw_fused_step']['median'] * ms:.1f} | "
+                f"{book['adamw_fused_step']['p25'] * ms:.1f}–{book['adamw_fused_step']['p75'] * ms:.1f} |"
+            ]
+            if "adamw_fused_step" in book
+            else []
+        ),
         f"| ours `global_norm` of all gradients, once (SAM calls it 2×/step, δ-SAM 3×) | "
         f"{book['ours_global_norm']['median'] * ms:.1f} | "
         f"{book['ours_global_norm']['p25'] * ms:.1f}–{book['ours_global_norm']['p75'] * ms:.1f} |",

@@ -43,6 +43,12 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         help="per-example: FSAM Eq. 9 (default); batch-mean: the FSAM authors' code",
     )
     parser.add_argument("--bins", type=positive_int, default=60, help="log10 histogram bins (default 60)")
+    parser.add_argument(
+        "--chunk-size",
+        type=positive_int,
+        help="examples per block of per-example gradients (memory for speed; default: from the free memory, "
+        "at most 32)",
+    )
     parser.add_argument("--batch-size", type=positive_int, default=32, help="batch size of the subset (default 32)")
     add_data_arguments(parser, samples=128, split="train")
     add_output_arguments(parser)
@@ -73,6 +79,7 @@ def run(args: argparse.Namespace) -> int:
         data=data,
         overwrite=args.overwrite,
         device=args.device,
+        chunk_size=args.chunk_size,
     )
     state = "already complete, nothing recomputed" if skipped else "written"
     overlap = f", mask IoU {result.meta['compare']['iou']:.4f}" if "compare" in result.meta else ""

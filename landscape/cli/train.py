@@ -7,6 +7,7 @@ import dataclasses
 import json
 
 from analyses.fisher import FISHER_MODES, EmpiricalFisherMask
+from landscape.cli.common import positive_int
 from landscape.core.config import build_config, load_yaml, parse_overrides
 from landscape.core.errors import ConfigError
 from landscape.data.tasks import get_task
@@ -116,6 +117,12 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--overwrite", action="store_true", help="replace the run in --out")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.add_argument("--json", action="store_true", help="print the final dev metrics as JSON")
+    parser.add_argument(
+        "--fisher-chunk",
+        type=positive_int,
+        help="FSAM: examples per block of per-example gradients in the Fisher (memory for speed; not a training "
+        "option: it changes the Fisher only by float32 rounding; default: from the free memory, at most 32)",
+    )
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="option overrides, applied last")
     parser.set_defaults(run=run)
 
@@ -154,7 +161,7 @@ def run(args: argparse.Namespace) -> int:
         resume=args.resume,
         overwrite=args.overwrite,
         progress=not args.no_progress,
-        fisher=EmpiricalFisherMask(),
+        fisher=EmpiricalFisherMask(chunk_size=args.fisher_chunk),
     )
     if launched_rank() != 0:  # under torchrun the run is reported once, by rank 0
         return 0

@@ -65,3 +65,22 @@ def autocast_context(device: torch.device, precision: str) -> Any:
     """
     dtype = autocast_dtype(precision)
     return nullcontext() if dtype is None else torch.autocast(device.type, dtype=dtype)
+
+
+def free_memory(device: torch.device) -> int | None:
+    """Bytes a new allocation on ``device`` can take now, or None where it cannot be known.
+
+    CUDA: the driver's free memory (``torch.cuda.mem_get_info``). CPU: Linux's ``MemAvailable`` (free memory plus
+    the page cache the kernel can drop), not ``MemFree``, which a busy page cache makes look nearly full.
+    """
+    if device.type == "cuda":
+        return int(torch.cuda.mem_get_info(device)[0])
+    if device.type == "cpu":
+        try:
+            with open("/proc/meminfo", encoding="ascii") as meminfo:
+                for line in meminfo:
+                    if line.startswith("MemAvailable:"):
+                        return int(line.split()[1]) * 1024  # reported in kB
+        except (OSError, ValueError, IndexError):
+            return None
+    return None

@@ -118,6 +118,44 @@ def test_per_example_float32_model_close_to_float64(tiny_model_dir):
     assert_same_diagonal(single, double, rtol=1e-4)
 
 
+def test_auto_chunk_size_fits_the_largest_dense_block_in_its_share_of_free_memory():
+    from analyses.per_example import AUTO_CHUNK_MEMORY_SHARE, MAX_AUTO_CHUNK, auto_chunk_size
+
+    model = torch.nn.Sequential(torch.nn.Embedding(1000, 30), torch.nn.Linear(30, 40), torch.nn.Linear(40, 2))
+    params = dict(model.named_parameters())
+    block = 40 * 30 * 4  # bytes of one example's [out, in] float32 gradient of the largest Linear (not the table)
+    for wanted in (1, 5, MAX_AUTO_CHUNK):
+        assert auto_chunk_size(model, params, int(wanted * block / AUTO_CHUNK_MEMORY_SHARE)) == wanted
+    assert auto_chunk_size(model, params, int(5.9 * block / AUTO_CHUNK_MEMORY_SHARE)) == 5  # rounded down
+    assert auto_chunk_size(model, params, 10) == 1  # never zero
+    assert auto_chunk_size(model, params, 10**15) == MAX_AUTO_CHUNK
+    assert auto_chunk_size(model, params, None) == MAX_AUTO_CHUNK  # unknown free memory
+    only_table = {"0.weight": params["0.weight"]}
+    assert auto_chunk_size(model, only_table, 10) == MAX_AUTO_CHUNK  # nothing is held densely per example
+
+
+def test_an_unset_chunk_comes_from_free_memory_and_a_resumed_fisher_keeps_its_chunk(tiny_model_dir, monkeypatch):
+    import analyses.fisher as fisher_module
+    from analyses.per_example import AUTO_CHUNK_MEMORY_SHARE
+
+    model = load(tiny_model_dir)
+    batches = make_batches(2)
+    largest = max(p.numel() * 4 for name, p in model.named_parameters() if "embeddings" not in name)
+    monkeypatch.setattr(fisher_module, "free_memory", lambda device: int(3 * largest / AUTO_CHUNK_MEMORY_SHARE))
+    automatic = empirical_fisher(model, batches)
+    assert automatic.chunk_size == 3
+    assert_same_diagonal(automatic.diagonal, empirical_fisher(model, batches, chunk_size=16).diagonal, rtol=1e-5)
+
+    states = []
+    empirical_fisher(model, batches, keep=lambda state: states.append(state()))
+    assert int(states[-1]["chunk_size"]) == 3
+    monkeypatch.setattr(fisher_module, "free_memory", lambda device: None)  # the resumed process would pick 32
+    resumed = empirical_fisher(model, batches, state=states[-1])
+    assert resumed.chunk_size == 3
+    for name, value in automatic.diagonal.items():
+        assert torch.equal(resumed.diagonal[name], value), name  # bitwise: the same order of additions
+
+
 def test_params_filter_selects_a_subset(tiny_model_dir):
     model = load(tiny_model_dir)
     batches = make_batches(2)

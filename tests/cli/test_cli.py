@@ -106,6 +106,29 @@ def test_bad_inputs_give_one_line_and_status_2(tiny_model_dir, tiny_data_dir, tm
                       "nodata", out)  # fmt: skip
 
 
+def test_fisher_chunk_is_passed_to_the_mask_and_logged_and_a_bad_one_refused(
+    tiny_model_dir, tiny_data_dir, tmp_path, capsys
+):
+    out = tmp_path / "fsam"
+    fsam = ["--sam", "fsam", "--mask-interval", "2", "--fisher-samples", "6", "--max-steps", "3"]
+    assert main(tiny_train_args(tiny_model_dir, tiny_data_dir, out, *fsam, "--fisher-chunk", "4")) == 0
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    masks = [record for record in records if record["kind"] == "mask"]
+    assert len(masks) == 2 and all(record["fisher_chunk"] == 4 for record in masks)
+    assert "fisher_chunk" not in json.loads((out / "run.json").read_text())["config"]  # not a training option
+    capsys.readouterr()
+    never = tmp_path / "never"
+    bad = (tiny_train_args(tiny_model_dir, tiny_data_dir, never, *fsam, "--fisher-chunk", "0"),
+           ["fisher", str(out), "--chunk-size", "0", "--out", str(never)])  # fmt: skip
+    for argv, flag in zip(bad, ("--fisher-chunk", "--chunk-size"), strict=True):
+        with pytest.raises(SystemExit) as exit_info:  # argparse's own one-line error
+            main(argv)
+        assert exit_info.value.code == 2
+        err = capsys.readouterr().err.strip()
+        assert "\n" not in err and f"argument {flag}: expected a positive integer, got 0" in err
+        assert not never.exists()
+
+
 def test_malformed_data_files_are_user_errors(tiny_model_dir, tmp_path, capsys):
     folder = tmp_path / "data" / "glue" / "SST-2"
     folder.mkdir(parents=True)
