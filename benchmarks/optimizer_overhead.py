@@ -693,7 +693,7 @@ def markdown(report: dict[str, Any]) -> str:
         f"| `empirical_fisher_loop` | {fisher['loop']['median']:.2f} | "
         + ", ".join(f"{s:.2f}" for s in fisher["loop_seconds"])
         + " |",
-        f"| trainer refresh (`refresh_fisher_mask`: Fisher, chunk 16, + mask + set_mask) | "
+        f"| trainer refresh (`refresh_fisher_mask`: Fisher with the automatic chunk, + mask + set_mask) | "
         f"{raw['refresh']['median']:.2f} | " + ", ".join(f"{s:.2f}" for s in raw["refresh"]["seconds"]) + " |",
         f"| `fisher_mask` alone (s={args['sparsity']}) | {raw['mask_time']['median']:.2f} | "
         + ", ".join(f"{s:.2f}" for s in raw["mask_time"]["seconds"])
