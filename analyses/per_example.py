@@ -42,13 +42,27 @@ AUTO_CHUNK_MEMORY_SHARE = 0.125
 
 
 def auto_chunk_size(model: nn.Module, parameters: Mapping[str, torch.Tensor], free_bytes: int | None) -> int:
-    """How many examples' gradients to hold at once: the [chunk, *shape] block of the largest selected parameter that
-    is not an ``nn.Embedding`` table (those are scattered by row, never held densely per example) within
-    ``AUTO_CHUNK_MEMORY_SHARE`` of ``free_bytes``, between 1 and ``MAX_AUTO_CHUNK``; ``MAX_AUTO_CHUNK`` when the free
-    memory is unknown. MiniLM: 384 × 1536 float32 = 2.4 MB per example, so 32 once 600 MB are free.
+    """How many examples' gradients to hold at once, so that one chunk's per-example gradients fit in
+    ``AUTO_CHUNK_MEMORY_SHARE`` of ``free_bytes``; between 1 and ``MAX_AUTO_CHUNK`` (that when the free memory is
+    unknown). Per example, the larger of: the layer path's [*shape] block of its largest dense weight (embedding tables
+    are scattered by row, never held densely), and the general path's gradients of every selected parameter owned by
+    a module of no known kind (held together for a chunk by ``vmap``). A parameter that fails the layer path's check
+    on the first batch also joins the general path; it is not foreseen here. MiniLM: 384 × 1536 float32 = 2.4 MB per
+    example, so 32 once 600 MB are free.
     """
-    tables = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
-    per_example = max((p.numel() * p.element_size() for p in parameters.values() if id(p) not in tables), default=0)
+    selected = {id(p) for p in parameters.values()}
+    layer_block, general = 0, 0
+    for module in model.modules():
+        kind = _kind(module)
+        for p in module.parameters(recurse=False):
+            if id(p) not in selected:
+                continue
+            size = p.numel() * p.element_size()
+            if kind is None:
+                general += size
+            elif kind != "embedding":
+                layer_block = max(layer_block, size)
+    per_example = max(layer_block, general)
     if free_bytes is None or per_example == 0:
         return MAX_AUTO_CHUNK
     return max(1, min(MAX_AUTO_CHUNK, int(AUTO_CHUNK_MEMORY_SHARE * free_bytes) // per_example))

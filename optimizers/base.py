@@ -85,9 +85,10 @@ def _fused(name: str, groups: list[dict]) -> dict:
     """``{"fused": True}`` when every parameter lies on a device where torch fuses ``name``'s step, else ``{}``.
 
     Why: torch's default step on the CPU is a loop of about ten elementwise passes per tensor; the fused kernel makes
-    one. AdamW on MiniLM (22.7 M parameters, 1 thread): 0.047 s per step fused against 0.29 s, a sixth of a whole
-    training step, and spent again by every data-parallel process. The update is the same up to float rounding (the
-    kernel orders the arithmetic differently); tests/optimizers/test_optimizer_contract.py compares the two.
+    one. AdamW on MiniLM (22.7 M parameters, 1 thread): 32 ms per step fused against 233 ms, a quarter of a whole
+    training step (benchmarks/results/optimizer_overhead.md), and spent again by every data-parallel process. The
+    update is the same up to float rounding (the kernel orders the arithmetic differently);
+    tests/optimizers/test_optimizer_contract.py compares the two.
     """
     devices = {p.device.type for group in groups for p in group["params"]}
     floating = all(p.dtype.is_floating_point for group in groups for p in group["params"])

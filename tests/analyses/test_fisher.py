@@ -133,6 +133,16 @@ def test_auto_chunk_size_fits_the_largest_dense_block_in_its_share_of_free_memor
     only_table = {"0.weight": params["0.weight"]}
     assert auto_chunk_size(model, only_table, 10) == MAX_AUTO_CHUNK  # nothing is held densely per example
 
+    class Scaled(torch.nn.Module):  # a module of no known kind: its parameters take the general (vmap) path
+        def __init__(self):
+            super().__init__()
+            self.gain, self.table = torch.nn.Parameter(torch.ones(50, 40)), torch.nn.Parameter(torch.ones(30, 30))
+
+    odd = torch.nn.Sequential(torch.nn.Linear(30, 40), Scaled())
+    general = (50 * 40 + 30 * 30) * 4  # held together per example, more than the Linear's 40 × 30 block
+    odd_params = dict(odd.named_parameters())
+    assert auto_chunk_size(odd, odd_params, int(7 * general / AUTO_CHUNK_MEMORY_SHARE)) == 7
+
 
 def test_an_unset_chunk_comes_from_free_memory_and_a_resumed_fisher_keeps_its_chunk(tiny_model_dir, monkeypatch):
     import analyses.fisher as fisher_module
