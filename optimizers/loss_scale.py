@@ -51,12 +51,7 @@ class DynamicLossScale:
 
     def unscale(self, params: list[torch.Tensor]) -> bool:
         """Divide every ``p.grad`` by the scale in place; True when all of them are finite afterwards."""
-        finite = True
-        for param in params:
-            if param.grad is not None:
-                param.grad.div_(self.scale)
-                finite = finite and bool(torch.isfinite(param.grad).all())
-        return finite
+        return unscale_gradients(params, self.scale)
 
     def update(self, *, skipped: bool) -> None:
         """After a step: back off on an overflow, grow after ``growth_interval`` good steps in a row."""
@@ -77,3 +72,13 @@ class DynamicLossScale:
         self.scale = float(state["scale"])
         self.good_steps = int(state.get("good_steps", 0))
         self.skipped_steps = int(state.get("skipped_steps", 0))
+
+
+def unscale_gradients(params: list[torch.Tensor], scale: float) -> bool:
+    """Divide every ``p.grad`` by ``scale`` in place; True when all of them are finite afterwards."""
+    finite = True
+    for param in params:
+        if param.grad is not None:
+            param.grad.div_(scale)
+            finite = finite and bool(torch.isfinite(param.grad).all())
+    return finite

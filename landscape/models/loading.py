@@ -42,11 +42,32 @@ def resolve_model_path(model: str) -> str:
     looks_like_path = model.startswith((".", "/", "~")) or model.count("/") > 1
     if looks_like_path:
         raise ConfigError(f"model {model!r} does not exist; expected 'minilm', a local model folder, or a hub name")
-    if os.environ.get("HF_HUB_OFFLINE") == "1":
+    if hub_offline() and not in_hub_cache(model):
         raise ConfigError(
-            f"model {model!r} is neither 'minilm' nor a local folder, and HF_HUB_OFFLINE=1 forbids the hub"
+            f"model {model!r} is neither 'minilm' nor a local folder, and it is not in the local hub cache, which "
+            "is all HF_HUB_OFFLINE=1 allows (download it once online, or point HF_HUB_CACHE at a cache holding it)"
         )
     return model
+
+
+def hub_offline() -> bool:
+    """Whether the hub is off limits (``HF_HUB_OFFLINE``, the values huggingface_hub reads as true)."""
+    return os.environ.get("HF_HUB_OFFLINE", "").strip().upper() in {"1", "ON", "YES", "TRUE"}
+
+
+def in_hub_cache(model: str) -> bool:
+    """Whether hub name ``model`` has its config.json in the local hub cache (what loading it offline reads)."""
+    from huggingface_hub import try_to_load_from_cache
+
+    try:
+        return isinstance(try_to_load_from_cache(model, "config.json"), str)
+    except ValueError:  # not a valid repository id
+        return False
+
+
+def hub_name_usable(model: str) -> bool:
+    """Whether hub name ``model`` can be loaded here: online, or offline from the local hub cache."""
+    return not hub_offline() or in_hub_cache(model)
 
 
 PICKLE_WEIGHTS = ("pytorch_model.bin", "pytorch_model.bin.index.json", "tf_model.h5", "flax_model.msgpack")

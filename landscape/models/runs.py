@@ -10,7 +10,6 @@ weights every example equally whatever the batch sizes (docs/pitfalls.md §10).
 from __future__ import annotations
 
 import hashlib
-import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -29,7 +28,14 @@ from landscape.data.tasks import TaskSpec, get_task, load_split, resolve_data_di
 from landscape.models.adapters import adapter_base, check_subspace, is_adapter, load_adapter_model
 from landscape.models.devices import resolve_device
 from landscape.models.evaluation import outputs_over
-from landscape.models.loading import LoadedModel, check_compatible, load_model, quiet_transformers, resolve_model_path
+from landscape.models.loading import (
+    LoadedModel,
+    check_compatible,
+    hub_name_usable,
+    load_model,
+    quiet_transformers,
+    resolve_model_path,
+)
 from landscape.models.weights import PICKLE_SUFFIXES, load_weights_into, read_safetensors
 
 SPLITS = ("train", "dev")
@@ -131,6 +137,11 @@ def open_run(
         )
     if is_checkpoint(path):
         return open_checkpoint(path, task=task, data_dir=data_dir, init=init)
+    if looks_like_hub_name(path):  # offline, and the hub cache does not hold it: say both readings
+        raise CheckpointError(
+            f"{path} is no run directory here, and as a hub name it is not in the local hub cache, which is all "
+            "HF_HUB_OFFLINE=1 allows"
+        )
     path = Path(path)
     config = read_run_info(path)["config"]
     task_name = task or config.get("task")
@@ -181,9 +192,13 @@ def is_checkpoint(path: str | Path) -> bool:
     folder = Path(path)
     if folder.is_dir():
         return (folder / "config.json").is_file() and not (folder / RUN_FILE).is_file()
+    return looks_like_hub_name(path) and hub_name_usable(str(path))
+
+
+def looks_like_hub_name(path: str | Path) -> bool:
+    """``owner/name`` that is not an existing path."""
     text = str(path)
-    hub_like = text.count("/") == 1 and not text.startswith((".", "/", "~")) and not folder.exists()
-    return hub_like and os.environ.get("HF_HUB_OFFLINE") != "1"
+    return text.count("/") == 1 and not text.startswith((".", "/", "~")) and not Path(path).exists()
 
 
 def open_checkpoint(path: str | Path, *, task: str | None, data_dir: str | Path | None, init: str | None = None) -> Run:

@@ -8,8 +8,15 @@ clips, steps its optimizer and its scheduler exactly as for plain training. GSAM
 rate. FSAM's mask is refreshed every ``mask_interval`` optimizer steps from ``fisher_samples`` training examples.
 
 Gradient accumulation (``gradient_accumulation_steps = K``): each micro-batch takes its own ε, and the K descent
-gradients are averaged — m-sharpness with m = K. fp16 is refused (SAM needs a loss scaler it does not have); bf16
-autocast works as in the Trainer.
+gradients are averaged — m-sharpness with m = K. bf16 autocast works as in the Trainer.
+
+fp16: the Trainer's ``GradScaler`` unscales once, at its optimizer step, which SAM cannot wait for (ε must come from
+the unscaled ascent gradient). So both backward passes are scaled by the scaler's current scale S, the core unscales
+each one itself (ε from the unscaled ascent gradient, as :mod:`optimizers.loss_scale` does in our trainer), and the
+descent gradient is handed back multiplied by S again: the scaler then unscales it exactly once, clips after
+unscaling, and skips or steps and updates S by its own rule. An overflow in either pass (weights already restored
+bitwise by the core, no ε applied) leaves an infinite gradient, so the scaler skips that optimizer step and backs
+off, as it does for plain training.
 """
 
 from __future__ import annotations
@@ -23,6 +30,7 @@ from transformers import Trainer
 from landscape.core.errors import ConfigError
 from landscape.data.losses import model_inputs, per_example_loss_from_logits
 from optimizers import BatchClosure, make_sharpness_optimizer
+from optimizers.loss_scale import unscale_gradients
 
 
 class _HeldGroups(torch.optim.Optimizer):
@@ -33,6 +41,32 @@ class _HeldGroups(torch.optim.Optimizer):
 
     def step(self, closure: Any = None) -> None:
         return None
+
+
+class _TrainerLossScale:
+    """The Trainer's ``torch.amp.GradScaler`` seen as the core's loss scale (see the module docstring).
+
+    ``scale`` is the scaler's current S (it changes only at the Trainer's optimizer step); ``update`` does nothing,
+    the scaler updates itself when the Trainer steps. The Trainer saves the scaler in its checkpoints.
+    """
+
+    def __init__(self, scaler: Any, device: torch.device) -> None:
+        self.scaler, self.device = scaler, device
+
+    @property
+    def scale(self) -> float:
+        # scaler.scale(·) and not get_scale(): the scaler creates its scale tensor on its first scale() call, on the
+        # device of what it scales (the gradients' device), and its unscale_ (the Trainer's clipping) needs it.
+        return float(self.scaler.scale(torch.ones((), dtype=torch.float32, device=self.device)))
+
+    def unscale(self, params: list[torch.Tensor]) -> bool:
+        return unscale_gradients(params, self.scale)
+
+    def update(self, *, skipped: bool) -> None:
+        return None
+
+    def state_dict(self) -> dict[str, Any]:
+        return {}
 
 
 class SharpnessAwareTrainer(Trainer):
@@ -58,8 +92,6 @@ class SharpnessAwareTrainer(Trainer):
         **kwargs: Any,
     ) -> None:
         super().__init__(*args, **kwargs)
-        if self.args.fp16:
-            raise ConfigError("SharpnessAwareTrainer: fp16 needs a loss scaler correct for SAM; use bf16")
         self.sam_variant, self.sam_settings = sam, dict(sam_settings or {})
         self.fisher, self.mask_interval, self.fisher_samples = fisher, mask_interval, fisher_samples
         self.sparsity, self.fisher_mode = sparsity, fisher_mode
@@ -74,9 +106,22 @@ class SharpnessAwareTrainer(Trainer):
             held = _HeldGroups(params, self.args.learning_rate)
             self._sharpness = make_sharpness_optimizer(
                 self.sam_variant, held, named_parameters=model.named_parameters(), seed=self.args.seed,
-                **self.sam_settings,
+                loss_scale=self._loss_scale(params[0].device), **self.sam_settings,
             )  # fmt: skip
         return self._sharpness
+
+    def _loss_scale(self, device: torch.device) -> _TrainerLossScale | None:
+        # accelerate runs fp16 through autocast and a GradScaler on CUDA (and other accelerators); on the CPU it
+        # runs neither (plain fp32), and then there is nothing to scale here either.
+        if not self.args.fp16 or not getattr(self.accelerator, "native_amp", False):
+            return None
+        scaler = getattr(self.accelerator, "scaler", None)
+        if scaler is None or not hasattr(scaler, "scale"):
+            raise ConfigError(
+                "SharpnessAwareTrainer: fp16 needs the Trainer's torch.amp.GradScaler, and this set-up has none "
+                f"({type(scaler).__name__}); use bf16 or fp32"
+            )
+        return _TrainerLossScale(scaler, device)
 
     def _refresh_mask(self, model: torch.nn.Module, optimizer: Any) -> None:
         step = self.state.global_step
@@ -117,10 +162,18 @@ class SharpnessAwareTrainer(Trainer):
                 logits = model(**model_inputs(rows, model)).logits
             return per_example_loss_from_logits(logits.float(), rows["labels"])
 
+        # fp16: S before the step, the one both passes were scaled by (the scaler changes it only when stepping).
+        scale = 1.0 if optimizer.loss_scale is None else optimizer.loss_scale.scale
         losses = optimizer.step(BatchClosure(losses_of, int(inputs["labels"].shape[0])))
         share = 1.0 / self.args.gradient_accumulation_steps
         with torch.no_grad():
+            if optimizer.skipped:  # an fp16 overflow: the Trainer's scaler must skip this optimizer step too
+                for param, before in zip(params, earlier, strict=True):
+                    param.grad = before
+                params[0].grad = torch.full_like(params[0], float("inf"))
+                return losses.mean().detach() * share
             for param, before in zip(params, earlier, strict=True):
-                grad = None if param.grad is None else param.grad * share
+                # scaled back by S: the scaler unscales the accumulated gradient once, at its step
+                grad = None if param.grad is None else param.grad * (share * scale)
                 param.grad = before if grad is None else grad if before is None else before + grad
         return losses.mean().detach() * share

@@ -120,3 +120,39 @@ def test_bad_checkpoints_are_one_line(trainer_checkpoint, tiny_model_dir, tiny_d
             "--data-dir", str(tiny_data_dir), "--samples", "4", "--out", str(tmp_path / "i")]  # fmt: skip
     refused(argv, "--init")  # another architecture (BERT for a RoBERTa checkpoint)
     assert not (tmp_path / "s").exists() and not (tmp_path / "i").exists()
+
+
+def test_a_hub_name_loads_offline_from_the_hub_cache(trainer_checkpoint, tiny_data_dir, tmp_path):
+    """HF_HUB_OFFLINE=1 with a hub cache that holds the model (a cluster node without internet): the hub name
+    evaluates as the same folder does. The cache is laid out as huggingface_hub writes it (refs/main naming a
+    snapshot); the CLI runs in a subprocess because huggingface_hub reads HF_HUB_CACHE when it is imported. A name
+    the cache does not hold is one line, exit 2."""
+    import os
+    import subprocess
+    import sys
+
+    checkpoint, pretrained = trainer_checkpoint
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    repo = tmp_path / "hub" / "models--someone--tiny-roberta-sst2"
+    snapshot = repo / "snapshots" / commit
+    shutil.copytree(checkpoint, snapshot)
+    for tokenizer_file in pretrained.iterdir():  # the Trainer saved no tokenizer: the pretrained folder's
+        if "token" in tokenizer_file.name or tokenizer_file.name in ("vocab.json", "merges.txt"):
+            shutil.copy(tokenizer_file, snapshot / tokenizer_file.name)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(tmp_path / "hub")}
+
+    def landscape_eval(source):
+        argv = [sys.executable, "-m", "landscape", "eval", str(source), "--task", "sst2", "--data-dir",
+                str(tiny_data_dir), "--json"]  # fmt: skip
+        return subprocess.run(argv, env=env, capture_output=True, text=True, timeout=300)
+
+    from_hub, from_folder = landscape_eval("someone/tiny-roberta-sst2"), landscape_eval(snapshot)
+    assert from_hub.returncode == 0, from_hub.stderr
+    assert from_folder.returncode == 0, from_folder.stderr
+    hub, folder = json.loads(from_hub.stdout), json.loads(from_folder.stdout)
+    assert hub["weights"] == "someone/tiny-roberta-sst2" and hub["loss"] == folder["loss"]
+    missing = landscape_eval("someone/not-cached")
+    assert missing.returncode == 2 and missing.stderr.count("\n") == 1, missing.stderr
+    assert "not in the local hub cache" in missing.stderr and "run directory" in missing.stderr
