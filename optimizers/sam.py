@@ -54,6 +54,16 @@ class StepReport:
     extra: dict[str, float] = field(default_factory=dict)
 
 
+@dataclass
+class SavedWeights:
+    """What :meth:`SharpnessAware.perturb` saved: the moved parameters and their values before ε, in order.
+    ``buffered``: the values are the optimizer's held buffers (reused next step), not copies of their own."""
+
+    params: list[torch.Tensor]
+    values: list[torch.Tensor]
+    buffered: bool
+
+
 class SharpnessAware(ClosureOptimizer):
     """Sharpness-aware minimisation around any base optimizer instance (see the module docstring).
 
@@ -130,6 +140,11 @@ class SharpnessAware(ClosureOptimizer):
         self.local_ascent = local_ascent
         self.generator = torch.Generator().manual_seed(seed)
         self.steps_taken = 0
+        # Where perturb saves w, kept from step to step (per parameter, in the order of parameters()): a fresh copy
+        # each step costs page faults on the CPU (glibc maps every block over 32 MiB anew, e.g. a vocabulary
+        # table), several times the copy itself. A perturbation inside another one clones instead.
+        self._saved_weights: list[torch.Tensor | None] = []
+        self._perturbed = False
         self._names: dict[int, str] = {}
         if named_parameters is not None:
             self._learn_names(named_parameters)
@@ -281,21 +296,33 @@ class SharpnessAware(ClosureOptimizer):
             self._epsilon_norm = global_norm([e for e in epsilon if e is not None])
         return epsilon
 
-    def perturb(self, epsilon: list[torch.Tensor | None]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    def perturb(self, epsilon: list[torch.Tensor | None]) -> SavedWeights:
         """Add ε to the parameters in place; returns the saved values that :meth:`restore` copies back."""
-        moved = [(p, e) for p, e in zip(self.parameters(), epsilon, strict=True) if e is not None]
+        moved = [(i, p, e) for i, (p, e) in enumerate(zip(self.parameters(), epsilon, strict=True)) if e is not None]
+        targets = [p for _, p, _ in moved]
         if not moved:
-            return []
-        targets = [p for p, _ in moved]
-        saved = list(zip(targets, [p.detach().clone() for p in targets], strict=True))
-        torch._foreach_add_(targets, [e for _, e in moved])
+            return SavedWeights([], [], buffered=False)
+        if self._perturbed:  # a perturbation inside another: the held buffers are in use, take copies
+            saved = SavedWeights(targets, [p.detach().clone() for p in targets], buffered=False)
+        else:
+            buffers = self._saved_weights
+            buffers.extend([None] * (len(epsilon) - len(buffers)))
+            for i, p, _ in moved:
+                held = buffers[i]
+                if held is None or held.shape != p.shape or held.dtype != p.dtype or held.device != p.device:
+                    buffers[i] = torch.empty_like(p, memory_format=torch.contiguous_format)
+            saved = SavedWeights(targets, [buffers[i] for i, _, _ in moved], buffered=True)
+            torch._foreach_copy_(saved.values, targets)
+        torch._foreach_add_(targets, [e for _, _, e in moved])
+        self._perturbed = self._perturbed or saved.buffered
         return saved
 
-    @staticmethod
-    def restore(saved: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+    def restore(self, saved: SavedWeights) -> None:
         """Copy the values :meth:`perturb` saved back (a bitwise restore: w + ε − ε is not w in floating point)."""
-        if saved:
-            torch._foreach_copy_([p for p, _ in saved], [value for _, value in saved])
+        if saved.params:
+            torch._foreach_copy_(saved.params, saved.values)
+        if saved.buffered:
+            self._perturbed = False
 
     @contextmanager
     def perturbed(self, epsilon: list[torch.Tensor | None]):
@@ -362,7 +389,12 @@ class SharpnessAware(ClosureOptimizer):
                 ascent_grads = [None] * len(params)
             report.perturbation_norm = self._epsilon_norm
             descent_chunk = chunk if own_descent else None
-            with self.perturbed(epsilon):
+            saved = self.perturb(epsilon)
+            # ε is in the weights now and nothing reads it again: dropped here, its memory (SAM's: the ascent
+            # gradient's own) is free before the descent backward allocates its gradient, one copy of the weights
+            # less at the step's peak.
+            del epsilon
+            try:
                 self.zero_grad(set_to_none=True)
                 if rng_before is not None:
                     rng.restore(rng_before)
@@ -375,6 +407,8 @@ class SharpnessAware(ClosureOptimizer):
                 if not self.local_ascent:
                     self.replicas.average_gradients(params)
                 finite = self.unscaled()
+            finally:
+                self.restore(saved)
             if not finite:  # fp16 overflow at w + ε: the weights are restored (above), no step
                 return self._skip(report, losses_at_w)
             for piece in self.pieces:

@@ -156,6 +156,62 @@ def test_weights_are_restored_bitwise_and_each_parameter_perturbed_once(variant)
     assert opt.last.perturbation_norm == pytest.approx(norm(eps), rel=1e-9)
 
 
+@pytest.mark.parametrize("variant", ["sam", "fsam", "delta-sam", "gsam"])
+def test_epsilon_is_freed_before_the_descent_backward(variant):
+    """ε (SAM's: the ascent gradient's own storage; FSAM's: the masked gradient) is read by nothing once it is in
+    the weights: by the descent forward no reference to it is left, so the descent's gradient does not sit beside
+    it at the step's peak (one copy of the weights less)."""
+    import weakref
+
+    net = make_net()
+    opt = build(net, variant)
+    x, y = make_batch(0)
+    epsilon_refs = []
+    perturbation = opt.perturbation
+
+    def recorded(*args, **kwargs):
+        epsilon = perturbation(*args, **kwargs)
+        epsilon_refs.extend(weakref.ref(e) for e in epsilon if e is not None)
+        return epsilon
+
+    opt.perturbation = recorded
+    alive = []
+
+    def losses_of(indices):
+        alive.append(sum(ref() is not None for ref in epsilon_refs))
+        return per_example(net, x, y)
+
+    opt.step(BatchClosure(losses_of, len(y)))
+    descent_call = 2 if variant == "delta-sam" else 1  # δ-SAM: probe, ascent, descent
+    assert len(alive) == descent_call + 1 and len(epsilon_refs) == len(list(net.parameters()))
+    assert alive[descent_call] == 0
+
+
+def test_the_saved_weights_are_held_buffers_and_a_nested_perturbation_clones():
+    """perturb saves w into buffers it keeps from step to step (same storage every step); a perturbation applied
+    inside another takes copies of its own, and both restore bitwise."""
+    net = make_net()
+    opt = build(net, "sam")
+    x, y = make_batch(0)
+    opt.step(BatchClosure(lambda rows: per_example(net, x, y), len(y)))
+    pointers = [b.data_ptr() for b in opt._saved_weights]
+    opt.step(BatchClosure(lambda rows: per_example(net, x, y), len(y)))
+    assert [b.data_ptr() for b in opt._saved_weights] == pointers
+    params = opt.parameters()  # ε is in the optimizer's order (its groups), not the module's
+    w = [p.detach().clone() for p in params]
+    outer = [torch.full_like(p, 0.5) for p in params]
+    inner = [torch.full_like(p, 0.25) for p in params]
+    with torch.no_grad(), opt.perturbed(outer):
+        with opt.perturbed(inner):
+            assert all(torch.equal(p, a + 0.5 + 0.25) for p, a in zip(params, w, strict=True))
+        assert all(torch.equal(p, a + 0.5) for p, a in zip(params, w, strict=True))
+    assert all(torch.equal(p, a) for p, a in zip(params, w, strict=True))
+    with pytest.raises(RuntimeError, match="inside"), torch.no_grad(), opt.perturbed(outer):
+        raise RuntimeError("inside the block")
+    assert all(torch.equal(p, a) for p, a in zip(params, w, strict=True))
+    assert not opt._perturbed  # the buffers are free again after an exception
+
+
 def expected_epsilon_norm(variant, opt, net, grads):
     """‖ε‖ from each paper's equation, from the ascent gradient g computed by hand."""
     g = grads
