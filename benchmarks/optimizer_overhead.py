@@ -23,7 +23,8 @@ What is measured (all in one process, except the memory children):
   and restoring the weights; pytorch-optimizer: ``first_step`` plus its restore), and AdamW's own step, timed alone.
 * **Peak memory.** ``ru_maxrss`` (the high-water mark of resident memory) of a child process that runs
   ``--memory-steps`` training steps of AdamW, SAM or FSAM (FSAM: one trainer mask refresh first, as at step 0 of a
-  run); a child per optimizer, because the high-water mark is shared inside one process.
+  run, with ``--refresh-chunk`` or the automatic chunk; and FSAM with a random fixed mask, the steps' own peak); a
+  child per optimizer, because the high-water mark is shared inside one process.
 * **Per-example Fisher.** ``empirical_fisher`` (the layer path of ``analyses.per_example``, chunks of 32) against
   ``empirical_fisher_loop`` on the same ``--fisher-samples`` examples, medians of ``--fisher-repeats`` runs each, the
   speed ratio, and the largest relative difference of the values on the large entries (those ≥ 1e-3 of the largest
@@ -81,6 +82,7 @@ from optimizers import ClosureOptimizer, SharpnessAware, make_base_optimizer, ma
 from optimizers.sam import global_norm
 
 MASK = EmpiricalFisherMask()
+MEMORY_CHILDREN = ("adamw", "sam", "fsam", "fsam-fixed")
 MODEL = "minilm"
 TASK = "cola"
 MAX_LENGTH = 128
@@ -460,12 +462,19 @@ def run_child(args: argparse.Namespace) -> None:
         torch.set_num_threads(args.threads)
     work = load_workload(Path(args.data_dir), args.memory_steps, args.batch_size, args.seed)
     rss_setup = max_rss_mib()
-    variant = {"adamw": "none", "sam": "sam", "fsam": "fsam"}[args.child]
+    variant = {"adamw": "none", "sam": "sam", "fsam": "fsam", "fsam-fixed": "fsam"}[args.child]
     optimizer = build_ours(variant, work.model, args.lr, rho=args.rho, seed=args.seed)
     rss_refresh = None
     if args.child == "fsam":
-        refresh_fisher_mask(work.model, optimizer, prepared_data(work), trainer_config(args), 0, MASK)
+        provider = EmpiricalFisherMask(chunk_size=args.refresh_chunk)
+        refresh_fisher_mask(work.model, optimizer, prepared_data(work), trainer_config(args), 0, provider)
         rss_refresh = max_rss_mib()
+    if args.child == "fsam-fixed":  # the steps' own memory: a mask of density 1 - s, drawn a parameter at a time
+        generator = torch.Generator().manual_seed(args.seed)
+        mask = {name: torch.rand(p.shape, generator=generator) >= args.sparsity
+                for name, p in work.model.named_parameters()}  # fmt: skip
+        optimizer.set_mask(mask, work.model.named_parameters())
+        del mask
     torch.manual_seed(args.seed)
     for batch in work.batches:
         optimizer.step(batch_closure(work.model, batch))
@@ -487,7 +496,7 @@ def run_child(args: argparse.Namespace) -> None:
 def measure_memory(args: argparse.Namespace) -> dict[str, Any]:
     """One child process per optimizer (run one after another, before this process grows); their high-water marks."""
     results: dict[str, Any] = {"parent_max_rss_at_spawn_mib": max_rss_mib()}
-    for name in ("adamw", "sam", "fsam"):
+    for name in MEMORY_CHILDREN:
         command = [
             sys.executable,
             str(Path(__file__).resolve()),
@@ -513,6 +522,7 @@ def measure_memory(args: argparse.Namespace) -> dict[str, Any]:
             str(args.mask_interval),
             "--threads",
             str(args.threads),
+            *(["--refresh-chunk", str(args.refresh_chunk)] if args.refresh_chunk else []),
         ]
         log(f"[memory] child {name}: {args.memory_steps} steps ...")
         tick = time.perf_counter()
@@ -592,6 +602,10 @@ def build_results(args: argparse.Namespace, raw: dict[str, Any]) -> dict[str, An
         memory_ratio = memory["fsam"]["max_rss_mib"] / memory["adamw"]["max_rss_mib"]
         goals.append((f"FSAM peak memory ≤ {GOAL_FSAM_MEMORY}× AdamW", f"{memory_ratio:.3f}×",
                       verdict(memory_ratio, GOAL_FSAM_MEMORY)))  # fmt: skip
+        if "fsam-fixed" in memory:  # what the steps alone hold, beside the refresh's Fisher
+            steps_ratio = memory["fsam-fixed"]["max_rss_mib"] / memory["adamw"]["max_rss_mib"]
+            goals.append((f"FSAM steps alone (fixed mask) ≤ {GOAL_FSAM_MEMORY}× AdamW", f"{steps_ratio:.3f}×",
+                          verdict(steps_ratio, GOAL_FSAM_MEMORY)))  # fmt: skip
     else:
         memory_ratio = None
         goals.append((f"FSAM peak memory ≤ {GOAL_FSAM_MEMORY}× AdamW", "not measured (--skip-memory)", "n/a"))
@@ -716,7 +730,7 @@ def markdown(report: dict[str, Any]) -> str:
         ]
         base = memory["adamw"]
         base_growth = base["max_rss_mib"] - base["max_rss_after_setup_mib"]
-        for name in ("adamw", "sam", "fsam"):
+        for name in [child for child in MEMORY_CHILDREN if child in memory]:
             record = memory[name]
             refresh = record["max_rss_after_refresh_mib"]
             growth = record["max_rss_mib"] - record["max_rss_after_setup_mib"]
@@ -729,6 +743,10 @@ def markdown(report: dict[str, Any]) -> str:
                 f"{'' if hwm is None else f'{hwm:.0f}'} |"
             )
         lines += [
+            "",
+            "fsam: one trainer mask refresh (the Fisher of --fisher-samples examples, chunk "
+            f"{args.get('refresh_chunk') or 'automatic'}) before its steps, as at step 0 of a run; fsam-fixed: a "
+            "random mask of density 1 − s instead, so its peak is the steps' own (the bool mask and ε).",
             "",
             f"The children were spawned first, when this process's own high-water mark was "
             f"{memory['parent_max_rss_at_spawn_mib']:.0f} MiB (a child's ru_maxrss starts from its parent's).",
@@ -793,7 +811,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--memory-steps", type=int, default=3, help="training steps of each memory child")
     parser.add_argument("--skip-memory", action="store_true", help="leave out the memory children")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
-    parser.add_argument("--child", choices=("adamw", "sam", "fsam"), help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--refresh-chunk", type=int, default=None, help="the FSAM memory child's Fisher chunk (default: automatic)"
+    )
+    parser.add_argument("--child", choices=MEMORY_CHILDREN, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.steps < 1 or args.warmup < 0 or args.batch_size < 1 or args.fisher_repeats < 1:
         parser.error("--steps and --batch-size must be >= 1, --warmup >= 0, --fisher-repeats >= 1")
