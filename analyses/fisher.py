@@ -356,13 +356,15 @@ def mask_statistics(mask: dict[str, torch.Tensor], previous: dict[str, torch.Ten
     fraction of the previous mask's ones still kept (1.0 when ``previous`` keeps nothing).
     """
     _check_mask(mask, "mask")
-    kept = sum(int(value.sum()) for value in mask.values())
+    kept = sum(int(torch.count_nonzero(value)) for value in mask.values())  # a bool sum would make an int64 copy
     total = sum(value.numel() for value in mask.values())
     stats: dict[str, Any] = {
         "kept": kept,
         "total": total,
         "kept_fraction": _fraction(kept, total),
-        "per_parameter": {name: _fraction(int(value.sum()), value.numel()) for name, value in mask.items()},
+        "per_parameter": {
+            name: _fraction(int(torch.count_nonzero(value)), value.numel()) for name, value in mask.items()
+        },
         "per_layer": _per_layer_fraction(mask),
     }
     if previous is not None:

@@ -22,9 +22,9 @@ What is measured (all in one process, except the memory children):
 * **Bookkeeping.** The SAM work outside forward and backward (ours: the gradient copy, ε, its norms, saving, adding
   and restoring the weights; pytorch-optimizer: ``first_step`` plus its restore), and AdamW's own step, timed alone.
 * **Peak memory.** ``ru_maxrss`` (the high-water mark of resident memory) of a child process that runs
-  ``--memory-steps`` training steps of AdamW, SAM or FSAM (FSAM: one trainer mask refresh first, as at step 0 of a
-  run, with ``--refresh-chunk`` or the automatic chunk; and FSAM with a random fixed mask, the steps' own peak); a
-  child per optimizer, because the high-water mark is shared inside one process.
+  ``--memory-steps`` training steps of AdamW, SAM or FSAM (FSAM: a trainer mask refresh after the first step, as
+  at step F_i of a run, with ``--refresh-chunk`` or the automatic chunk; and FSAM with a random fixed mask, the
+  steps' own peak); a child per optimizer, because the high-water mark is shared inside one process.
 * **Per-example Fisher.** ``empirical_fisher`` (the layer path of ``analyses.per_example``, chunks of 32) against
   ``empirical_fisher_loop`` on the same ``--fisher-samples`` examples, medians of ``--fisher-repeats`` runs each, the
   speed ratio, and the largest relative difference of the values on the large entries (those ≥ 1e-3 of the largest
@@ -465,9 +465,14 @@ def run_child(args: argparse.Namespace) -> None:
     variant = {"adamw": "none", "sam": "sam", "fsam": "fsam", "fsam-fixed": "fsam"}[args.child]
     optimizer = build_ours(variant, work.model, args.lr, rho=args.rho, seed=args.seed)
     rss_refresh = None
+    torch.manual_seed(args.seed)
+    batches = list(work.batches)
     if args.child == "fsam":
+        # As at step F_i of a run: the first step has made the base optimizer's state (and the step's own held
+        # buffers) before the refresh, which then runs beside them.
+        optimizer.step(batch_closure(work.model, batches.pop(0)))
         provider = EmpiricalFisherMask(chunk_size=args.refresh_chunk)
-        refresh_fisher_mask(work.model, optimizer, prepared_data(work), trainer_config(args), 0, provider)
+        refresh_fisher_mask(work.model, optimizer, prepared_data(work), trainer_config(args), 1, provider)
         rss_refresh = max_rss_mib()
     if args.child == "fsam-fixed":  # the steps' own memory: a mask of density 1 - s, drawn a parameter at a time
         generator = torch.Generator().manual_seed(args.seed)
@@ -475,8 +480,7 @@ def run_child(args: argparse.Namespace) -> None:
                 for name, p in work.model.named_parameters()}  # fmt: skip
         optimizer.set_mask(mask, work.model.named_parameters())
         del mask
-    torch.manual_seed(args.seed)
-    for batch in work.batches:
+    for batch in batches:
         optimizer.step(batch_closure(work.model, batch))
     print(
         json.dumps(
@@ -744,8 +748,9 @@ def markdown(report: dict[str, Any]) -> str:
             )
         lines += [
             "",
-            "fsam: one trainer mask refresh (the Fisher of --fisher-samples examples, chunk "
-            f"{args.get('refresh_chunk') or 'automatic'}) before its steps, as at step 0 of a run; fsam-fixed: a "
+            "fsam: one step, then a trainer mask refresh (the Fisher of --fisher-samples examples, chunk "
+            f"{args.get('refresh_chunk') or 'automatic'}) beside the optimizer's state, as at step F_i of a run, then "
+            "the other steps; fsam-fixed: a "
             "random mask of density 1 − s instead, so its peak is the steps' own (the bool mask and ε).",
             "",
             f"The children were spawned first, when this process's own high-water mark was "

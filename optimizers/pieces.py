@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import torch
@@ -44,6 +44,10 @@ class Ascent:
     numerators: list[torch.Tensor | None]
     norm_terms: list[torch.Tensor | None]
     generator: torch.Generator
+    #: 0/1 masks the numerators are multiplied by last, after the norm and in place (None: no mask). Products with
+    #: 0 or 1 are exact in any order, and every piece's transform is elementwise, so a masking piece gives the same
+    #: ε without a tensor g ⊙ m beside g (one copy of the weights less at FSAM's peak).
+    masks: list[torch.Tensor | None] = field(default_factory=list)
 
 
 class Piece:
@@ -102,6 +106,9 @@ class Piece:
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Restore what :meth:`state_dict` returned."""
+
+    def release_buffers(self) -> None:
+        """Free storage held from step to step for speed only (not state: the next step rebuilds it)."""
 
 
 def _in_range(group: Mapping[str, Any], name: str, low: float, high: float, *, low_open: bool = True) -> None:
@@ -178,7 +185,8 @@ class FisherMask(Piece):
             mask = self.masks.get(name) if name is not None else None
             if numerator is None or mask is None:
                 continue
-            ascent.numerators[i] = numerator * mask
+            held = ascent.masks[i]
+            ascent.masks[i] = mask if held is None else held & mask
             if self.exact_rho:
                 ascent.norm_terms[i] = ascent.norm_terms[i] * mask
 
@@ -366,6 +374,9 @@ class InstanceReweighting(Piece):
             probe = closure(chunk).detach()
         rng.restore(masks)  # the ascent forward at w, next, draws the probe's dropout masks
         return probe
+
+    def release_buffers(self):
+        self._draws, self._directions = [], []
 
     def _draw(self, params: list[torch.Tensor], generator: torch.Generator) -> list[torch.Tensor]:
         """ê ~ N(0, I) shaped like ``params``, drawn from the optimizer's CPU generator (the same draws on every

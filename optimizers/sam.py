@@ -273,6 +273,7 @@ class SharpnessAware(ClosureOptimizer):
             numerators=list(grads),
             norm_terms=list(grads),
             generator=self.generator,
+            masks=[None] * len(params),
         )
         for piece in self.pieces:
             piece.ascent(ascent)
@@ -281,16 +282,19 @@ class SharpnessAware(ClosureOptimizer):
         if norm == 0 or not math.isfinite(norm):
             return [None] * len(params)
         epsilon = []
-        for numerator, grad, group in zip(ascent.numerators, grads, groups, strict=True):
+        for numerator, grad, group, mask in zip(ascent.numerators, grads, groups, ascent.masks, strict=True):
             rho = self.radius(group)
             if numerator is None or rho == 0:
                 epsilon.append(None)
-            elif numerator is grad and not in_place:  # still the gradient (SAM): a new tensor
-                epsilon.append(numerator * (rho / norm))
-            else:
-                epsilon.append(numerator.mul_(rho / norm))
+                continue
+            # still the gradient and wanted afterwards (GSAM, LookSAM): a new tensor; else scaled where it is
+            value = numerator * (rho / norm) if numerator is grad and not in_place else numerator.mul_(rho / norm)
+            # masked_fill_ and not mul_: a product with a bool tensor converts it to a float copy first (on the CPU)
+            epsilon.append(value if mask is None else value.masked_fill_(mask.logical_not(), 0.0))
         radii = {self.radius(group) for group in groups}
-        if len(radii) == 1 and all(n is t for n, t in zip(ascent.numerators, ascent.norm_terms, strict=True)):
+        unmasked = all(mask is None for mask in ascent.masks)
+        numerators_are_norm_terms = all(n is t for n, t in zip(ascent.numerators, ascent.norm_terms, strict=True))
+        if len(radii) == 1 and unmasked and numerators_are_norm_terms:
             self._epsilon_norm = radii.pop()  # ε = ρ·n/‖n‖: its norm is ρ, no pass over ε needed
         else:
             self._epsilon_norm = global_norm([e for e in epsilon if e is not None])
@@ -316,6 +320,15 @@ class SharpnessAware(ClosureOptimizer):
         torch._foreach_add_(targets, [e for _, _, e in moved])
         self._perturbed = self._perturbed or saved.buffered
         return saved
+
+    def release_buffers(self) -> None:
+        """Free what the steps hold from one step to the next (the saved-weight buffers, the pieces' draws), e.g.
+        before a memory-hungry computation between steps (FSAM's Fisher); the next step allocates them again."""
+        if self._perturbed:
+            raise RuntimeError("release_buffers() inside a perturbation: the saved weights are still needed")
+        self._saved_weights = []
+        for piece in self.pieces:
+            piece.release_buffers()
 
     def restore(self, saved: SavedWeights) -> None:
         """Copy the values :meth:`perturb` saved back (a bitwise restore: w + ε − ε is not w in floating point)."""

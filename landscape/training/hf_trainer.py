@@ -138,6 +138,7 @@ class SharpnessAwareTrainer(Trainer):
             for start in range(0, count, size)
         ]
         previous = optimizer.mask_by_name(model.named_parameters()) or None
+        optimizer.release_buffers()  # as our trainer: the Fisher gets the memory held between steps
         mask, _ = self.fisher(model, batches, mode=self.fisher_mode, sparsity=self.sparsity, previous=previous)
         optimizer.set_mask(mask, model.named_parameters())
         self._mask_step = step

@@ -561,6 +561,7 @@ def refresh_fisher_mask(
     options = {"mode": config.fisher_mode, "sparsity": config.sparsity, "previous": previous}
     if replicas.world_size > 1:  # a provider for one process need not know the keyword
         options["replicas"] = replicas
+    optimizer.release_buffers()  # the Fisher's per-example gradients get the memory the steps hold between steps
     mask, statistics = fisher(model, batches, **options)
     optimizer.set_mask(mask, model.named_parameters())
     # Logged under the 1-based number of the step that first uses the mask, like the train records.

@@ -369,6 +369,20 @@ def test_fisher_mask_keeps_exactly_the_top_k(sparsity, ties):
             assert values[flat].min() >= values[~flat].max()
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16])
+def test_fisher_mask_of_signed_scores_and_other_dtypes(dtype):
+    """Negative values, −0 = +0 and every float dtype are ordered as the floats are: the same mask as a stable sort
+    (numpy, float64) of the same values, ties by index."""
+    generator = torch.Generator().manual_seed(4)
+    values = (torch.randint(-6, 7, (300,), generator=generator) / 4).to(dtype)  # many ties, negatives, zeros
+    values[::17] = -0.0
+    diagonal = {"x": values[:120].reshape(10, 12), "y": values[120:]}
+    reference = {name: value.double() for name, value in diagonal.items()}
+    for sparsity in (0.1, 0.5, 0.77, 0.9):
+        flat = np.concatenate([m.numpy().ravel() for m in fisher_mask(diagonal, sparsity).values()])
+        np.testing.assert_array_equal(flat, numpy_reference_mask(reference, sparsity))
+
+
 def test_fisher_mask_zero_sparsity_keeps_everything_and_bad_sparsity_fails():
     diagonal = random_diagonal(0, ties=True)
     assert all(bool(m.all()) for m in fisher_mask(diagonal, 0).values())

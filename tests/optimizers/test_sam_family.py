@@ -210,6 +210,16 @@ def test_the_saved_weights_are_held_buffers_and_a_nested_perturbation_clones():
         raise RuntimeError("inside the block")
     assert all(torch.equal(p, a) for p, a in zip(params, w, strict=True))
     assert not opt._perturbed  # the buffers are free again after an exception
+    with torch.no_grad(), opt.perturbed(outer), pytest.raises(RuntimeError, match="inside a perturbation"):
+        opt.release_buffers()
+    opt.release_buffers()  # between steps (FSAM's Fisher refresh): nothing held, and the next step still exact
+    assert opt._saved_weights == []
+    reference = copy.deepcopy(net)
+    reference_opt = build(reference, "sam")
+    reference_opt.load_state_dict(opt.state_dict())
+    for model, optimizer in ((net, opt), (reference, reference_opt)):
+        optimizer.step(BatchClosure(lambda rows, model=model: per_example(model, x, y), len(y)))
+    assert all(torch.equal(a, b) for a, b in zip(net.parameters(), reference.parameters(), strict=True))
 
 
 def expected_epsilon_norm(variant, opt, net, grads):
