@@ -763,7 +763,8 @@ def markdown(report: dict[str, Any]) -> str:
         "",
         "| what | median ms | IQR ms |",
         "|---|---:|---:|",
-        f"| ours: grad copy + ε (`perturbation`) + ‖ε‖ + save/add/restore | {book['ours_sam']['median'] * ms:.1f} | "
+        "| ours: ε (`perturbation`) + ‖ε‖ + save/add/restore (+ this benchmark's copy of the gradients, to keep "
+        f"them fixed) | {book['ours_sam']['median'] * ms:.1f} | "
         f"{book['ours_sam']['p25'] * ms:.1f}–{book['ours_sam']['p75'] * ms:.1f} |",
         f"| pytorch-optimizer: `first_step` + restore | {book['peer_sam']['median'] * ms:.1f} | "
         f"{book['peer_sam']['p25'] * ms:.1f}–{book['peer_sam']['p75'] * ms:.1f} |",
@@ -784,7 +785,8 @@ def markdown(report: dict[str, Any]) -> str:
         f"| `torch._foreach_norm` of all gradients (pytorch-optimizer's way, float32) | "
         f"{book['foreach_norm']['median'] * ms:.1f} | "
         f"{book['foreach_norm']['p25'] * ms:.1f}–{book['foreach_norm']['p75'] * ms:.1f} |",
-        f"| one `clone` of all gradients (ours clones them twice per step: `ascent_grads`, `numerator`) | "
+        "| one `clone` of all gradients (for scale: the step makes none, ε takes the ascent gradient's storage and "
+        "w goes into held buffers) | "
         f"{book['clone_all_grads']['median'] * ms:.1f} | "
         f"{book['clone_all_grads']['p25'] * ms:.1f}–{book['clone_all_grads']['p75'] * ms:.1f} |",
     ]
