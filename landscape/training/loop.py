@@ -561,7 +561,10 @@ def refresh_fisher_mask(
     options = {"mode": config.fisher_mode, "sparsity": config.sparsity, "previous": previous}
     if replicas.world_size > 1:  # a provider for one process need not know the keyword
         options["replicas"] = replicas
-    optimizer.release_buffers()  # the Fisher's per-example gradients get the memory the steps hold between steps
+    # The Fisher gets the memory the steps hold between steps: the optimizer's buffers, and the last step's gradient
+    # (dead: every step begins by setting .grad to None; the refresh runs before the step that uses the mask).
+    optimizer.release_buffers()
+    optimizer.zero_grad(set_to_none=True)
     mask, statistics = fisher(model, batches, **options)
     optimizer.set_mask(mask, model.named_parameters())
     # Logged under the 1-based number of the step that first uses the mask, like the train records.

@@ -202,6 +202,35 @@ def test_fsam_random_initial_mask_is_exact_seeded_and_replaced_at_the_first_refr
         replace(fsam, fisher_initial_mask="zeros").resolved()
 
 
+def test_a_refresh_between_steps_frees_what_the_steps_hold_and_changes_no_step(config):
+    """Before the Fisher, the refresh frees the last step's gradient and the optimizer's held buffers (memory the
+    Fisher needs at step F_i, beside the optimizer's state). Neither is read again: each step sets .grad to None
+    first and refills the buffers, so the steps after it are bitwise those of an optimizer that kept both."""
+    import copy
+
+    from landscape.data.encoding import collate
+    from landscape.training.loop import batch_closure, build_optimizer, prepare_data, refresh_fisher_mask
+
+    fsam = replace(config, sam="fsam", mask_interval=5, fisher_samples=8, sparsity=0.9, dropout=0.0).resolved()
+    data = prepare_data(fsam)
+    batches = [collate(data.train, batch_indices(len(data.train), 8, 0, step), data.pad_token_id) for step in (0, 1)]
+    model = load_model(fsam.model, get_task("sst2"), seed=0, dropout=0.0).model
+    optimizer = build_optimizer(fsam, model)
+    refresh_fisher_mask(model, optimizer, data, fsam, 0, EmpiricalFisherMask())
+    optimizer.step(batch_closure(model, batches[0]))
+    twin_model = copy.deepcopy(model)
+    twin = build_optimizer(fsam, twin_model)
+    twin.load_state_dict(copy.deepcopy(optimizer.state_dict()))  # load_state_dict may alias the tensors
+    assert any(p.grad is not None for p in model.parameters()) and optimizer._saved_weights
+    refresh_fisher_mask(model, optimizer, data, fsam, 5, EmpiricalFisherMask())
+    assert all(p.grad is None for p in model.parameters()) and not optimizer._saved_weights
+    twin.set_mask(optimizer.mask_by_name(model.named_parameters()), twin_model.named_parameters())
+    for net, opt in ((model, optimizer), (twin_model, twin)):
+        opt.step(batch_closure(net, batches[1]))
+    for (name, a), b in zip(model.named_parameters(), twin_model.parameters(), strict=True):
+        assert torch.equal(a, b), name
+
+
 def test_fisher_mask_without_a_sam_variant_is_refused(config):
     with pytest.raises(ConfigError, match="fisher_mask needs a sharpness-aware variant"):
         train(replace(config, fisher_mask=True), progress=False)
