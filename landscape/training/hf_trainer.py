@@ -68,6 +68,9 @@ class _TrainerLossScale:
     def state_dict(self) -> dict[str, Any]:
         return {}
 
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        return None
+
 
 class SharpnessAwareTrainer(Trainer):
     """``transformers.Trainer`` whose training step is the registry's ``sam`` variant (default ``"sam"``).
