@@ -150,6 +150,7 @@ def empirical_fisher(
 
 
 def check_chunk_size(chunk_size: int | None) -> int | None:
+    """``chunk_size`` itself when it is a positive int or None (automatic); else a ConfigError naming it."""
     if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1):
         raise ConfigError(
             f"chunk_size must be a positive integer or None (chosen from free memory), got {chunk_size!r}"

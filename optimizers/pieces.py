@@ -44,10 +44,20 @@ class Ascent:
     numerators: list[torch.Tensor | None]
     norm_terms: list[torch.Tensor | None]
     generator: torch.Generator
-    #: 0/1 masks the numerators are multiplied by last, after the norm and in place (None: no mask). Products with
-    #: 0 or 1 are exact in any order, and every piece's transform is elementwise, so a masking piece gives the same
-    #: ε without a tensor g ⊙ m beside g (one copy of the weights less at FSAM's peak).
+    #: 0/1 masks the numerators are multiplied by last, after the norm and in place (None: no mask; default: none
+    #: for every parameter). Products with 0 or 1 are exact in any order, and every piece's transform is
+    #: elementwise, so a masking piece gives the same ε without a tensor g ⊙ m beside g (one copy of the weights
+    #: less at FSAM's peak).
     masks: list[torch.Tensor | None] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        if not self.masks:
+            self.masks = [None] * len(self.params)
+
+
+def same_layout(held: torch.Tensor | None, like: torch.Tensor) -> bool:
+    """Whether a tensor held from step to step can still take values shaped like ``like`` (shape, dtype, device)."""
+    return held is not None and held.shape == like.shape and held.dtype == like.dtype and held.device == like.device
 
 
 class Piece:
@@ -382,8 +392,7 @@ class InstanceReweighting(Piece):
         """ê ~ N(0, I) shaped like ``params``, drawn from the optimizer's CPU generator (the same draws on every
         device, and the numbers ``torch.randn(shape, generator=generator)`` gives), into the held tensors."""
         fits = len(self._directions) == len(params) and all(
-            d.shape == p.shape and d.dtype == p.dtype and d.device == p.device
-            for d, p in zip(self._directions, params, strict=True)
+            same_layout(d, p) for d, p in zip(self._directions, params, strict=True)
         )
         if not fits:
             self._draws = [torch.empty(p.shape, dtype=p.dtype) for p in params]  # cpu: the generator's device

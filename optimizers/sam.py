@@ -34,7 +34,7 @@ from optimizers import pieces as piece_classes
 from optimizers import rng
 from optimizers.closure import ClosureOptimizer
 from optimizers.loss_scale import DynamicLossScale
-from optimizers.pieces import Ascent, FisherMask, Piece, global_norm
+from optimizers.pieces import Ascent, FisherMask, Piece, global_norm, same_layout
 from optimizers.replicas import SINGLE, Replicas
 from optimizers.variants import CORE_SETTINGS, VARIANTS, get_variant
 
@@ -273,7 +273,6 @@ class SharpnessAware(ClosureOptimizer):
             numerators=list(grads),
             norm_terms=list(grads),
             generator=self.generator,
-            masks=[None] * len(params),
         )
         for piece in self.pieces:
             piece.ascent(ascent)
@@ -312,8 +311,7 @@ class SharpnessAware(ClosureOptimizer):
             buffers = self._saved_weights
             buffers.extend([None] * (len(epsilon) - len(buffers)))
             for i, p, _ in moved:
-                held = buffers[i]
-                if held is None or held.shape != p.shape or held.dtype != p.dtype or held.device != p.device:
+                if not same_layout(buffers[i], p):
                     buffers[i] = torch.empty_like(p, memory_format=torch.contiguous_format)
             saved = SavedWeights(targets, [buffers[i] for i, _, _ in moved], buffered=True)
             torch._foreach_copy_(saved.values, targets)

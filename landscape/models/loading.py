@@ -42,7 +42,7 @@ def resolve_model_path(model: str) -> str:
     looks_like_path = model.startswith((".", "/", "~")) or model.count("/") > 1
     if looks_like_path:
         raise ConfigError(f"model {model!r} does not exist; expected 'minilm', a local model folder, or a hub name")
-    if hub_offline() and not in_hub_cache(model):
+    if not hub_name_usable(model):
         raise ConfigError(
             f"model {model!r} is neither 'minilm' nor a local folder, and it is not in the local hub cache, which "
             "is all HF_HUB_OFFLINE=1 allows (download it once online, or point HF_HUB_CACHE at a cache holding it)"

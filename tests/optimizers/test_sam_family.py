@@ -216,7 +216,7 @@ def test_the_saved_weights_are_held_buffers_and_a_nested_perturbation_clones():
     assert opt._saved_weights == []
     reference = copy.deepcopy(net)
     reference_opt = build(reference, "sam")
-    reference_opt.load_state_dict(opt.state_dict())
+    reference_opt.load_state_dict(copy.deepcopy(opt.state_dict()))  # load_state_dict may alias state tensors
     for model, optimizer in ((net, opt), (reference, reference_opt)):
         optimizer.step(BatchClosure(lambda rows, model=model: per_example(model, x, y), len(y)))
     assert all(torch.equal(a, b) for a, b in zip(net.parameters(), reference.parameters(), strict=True))
