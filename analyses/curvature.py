@@ -122,8 +122,8 @@ class _ShowProgress:
     def __init__(self, operator: HessianOperator):
         self.operator, self.dim, self.device = operator, operator.dim, operator.device
 
-    def matvec(self, v):
-        out = self.operator.matvec(v)
+    def matvec(self, v, out=None):
+        out = self.operator.matvec(v, out=out)
         print(f"\rHessian-vector products: {self.operator.matvecs}", end="", file=sys.stderr, flush=True)
         return out
 
@@ -288,7 +288,7 @@ def estimate_hessian(
 ) -> Plan:
     """The :class:`~landscape.models.planning.Plan` of :func:`compute_hessian` (``--dry-run``): Hessian-vector
     products timed on the run's model and examples, times the products the options ask for at most (Lanczos
-    ``max_iter`` plus its k residual checks, the trace probes, the density's vectors × steps); nothing is written."""
+    ``max_iter``, its residuals costing none, the trace probes, the density's vectors × steps); nothing is written."""
     options = options or HessianOptions()
     data = data or DataSelection(split="dev", samples=128)
     run = data.open_run(run_path)
@@ -299,7 +299,7 @@ def estimate_hessian(
     )
     k = options.top_k
     lanczos_steps = options.max_iter or min(operator.dim, max(2 * k + 20, 40))
-    products = lanczos_steps + k
+    products = lanczos_steps
     if options.trace:
         products += options.trace_samples * (2 if options.trace_method == "both" else 1)
     if options.density:

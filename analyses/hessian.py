@@ -126,20 +126,29 @@ class HessianOperator:
         self.keep_graph = len(self.batches) <= MAX_KEPT_BATCHES if keep_graph is None else bool(keep_graph)
         self._graphs: list[tuple[list[torch.Tensor], list[torch.Tensor]]] | None = None  # (gradients, leaves)
         self._graph_versions: list[int] | None = None
+        self._tangent_buffer: torch.Tensor | None = None  # [dim] in the model's dtype, reused by every product
         self.matvecs = 0
         self.matvec_seconds = 0.0  # wall time inside matvec: what --dry-run's seconds per product estimates
 
     # --- vectors <-> parameter blocks ------------------------------------------------------------------------
 
     def split(self, v: torch.Tensor) -> list[torch.Tensor]:
-        """[dim] → one tensor per selected parameter (its shape, the model's dtype and device)."""
-        blocks = torch.split(v.to(device=self.device, dtype=self.dtype), self._sizes)
+        """[dim] → one tensor per selected parameter (its shape, the model's dtype and device).
+
+        Views of ``v`` when it already has the model's dtype and device; otherwise views of a buffer the operator
+        keeps (a fresh [dim] tensor per product costs more to fault in than the conversion itself)."""
+        if v.dtype != self.dtype or v.device != self.device:
+            if self._tangent_buffer is None:
+                self._tangent_buffer = torch.empty(self.dim, dtype=self.dtype, device=self.device)
+            v = self._tangent_buffer.copy_(v)
+        blocks = torch.split(v, self._sizes)
         return [block.reshape(shape) for block, shape in zip(blocks, self._shapes, strict=True)]
 
-    def flatten(self, blocks: Sequence[torch.Tensor | None]) -> torch.Tensor:
-        """One tensor per selected parameter (None: zeros) → [dim] float64, written into one new vector (a
-        conversion per block then a concatenation would allocate and touch 12 bytes per parameter more)."""
-        flat = torch.empty(self.dim, dtype=torch.float64, device=self.device)
+    def flatten(self, blocks: Sequence[torch.Tensor | None], out: torch.Tensor | None = None) -> torch.Tensor:
+        """One tensor per selected parameter (None: zeros) → [dim] float64, written into ``out`` (float64 [dim])
+        or one new vector (a conversion per block then a concatenation would allocate and touch 12 bytes per
+        parameter more)."""
+        flat = torch.empty(self.dim, dtype=torch.float64, device=self.device) if out is None else out
         for piece, block in zip(torch.split(flat, self._sizes), blocks, strict=True):
             if block is None:
                 piece.zero_()
@@ -149,10 +158,16 @@ class HessianOperator:
 
     # --- the product -----------------------------------------------------------------------------------------
 
-    def matvec(self, v: torch.Tensor) -> torch.Tensor:
-        """``Hv`` for ``v`` [dim] (any float dtype; computed in the model's dtype) → [dim] float64."""
+    def matvec(self, v: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        """``Hv`` for ``v`` [dim] (any float dtype; computed in the model's dtype) → [dim] float64, written into
+        ``out`` when given (float64 [dim] on the operator's device, not sharing ``v``'s storage)."""
         if v.shape != (self.dim,):
             raise ConfigError(f"expected a vector of shape ({self.dim},), got {tuple(v.shape)}")
+        if out is not None and (out.shape != (self.dim,) or out.dtype != torch.float64 or out.device != self.device):
+            raise ConfigError(
+                f"out must be a float64 vector of shape ({self.dim},) on {self.device}, got "
+                f"{out.dtype} {tuple(out.shape)} on {out.device}"
+            )
         start = time.perf_counter()
         tangents = self.split(v)
         try:
@@ -167,7 +182,7 @@ class HessianOperator:
                 raise error from exc
             raise
         self.matvecs += 1
-        result = self.flatten(blocks)
+        result = self.flatten(blocks, out)
         self.matvec_seconds += time.perf_counter() - start
         return result
 

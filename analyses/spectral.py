@@ -5,8 +5,9 @@ symmetric matrix A (a Hessian, or an explicit matrix in tests). Vectors live on 
 else on the CPU; the algorithms keep their own vectors (Krylov bases, sketches) in float64.
 
 * :func:`lanczos`: the k extreme eigenpairs by the Lanczos method with full reorthogonalisation (Golub & Van Loan,
-  *Matrix Computations*, §10.1). Convergence is judged by the explicit residual ‖Av − λv‖ of each returned pair,
-  computed with one extra product per pair, never by two consecutive estimates agreeing (docs/pitfalls.md §12).
+  *Matrix Computations*, §10.1). Convergence is judged by the true residual ‖Av − λv‖ of each returned pair, read
+  from the products already computed (every coefficient the orthogonalisation removed is recorded, so
+  A Q = Q H + β q eᵀ holds to rounding), never by two consecutive estimates agreeing (docs/pitfalls.md §12).
 * :func:`power_iteration`: one eigenpair at a time with deflation against the pairs already found; it converges to
   the eigenvalue of largest magnitude (docs/pitfalls.md §11), the method PyHessian uses, kept for comparison.
 * :func:`hutchinson`: ``tr(A) ≈ mean_i zᵢᵀ A zᵢ`` with Rademacher ``zᵢ`` (Hutchinson 1990), mean and standard error,
@@ -20,6 +21,7 @@ else on the CPU; the algorithms keep their own vectors (Krylov bases, sketches) 
 
 from __future__ import annotations
 
+import inspect
 import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -47,8 +49,8 @@ class EigenResult:
     """Approximate eigenpairs (λᵢ, vᵢ), i = 1..k, in the order asked for (e.g. largest first for ``which="LA"``).
 
     ``eigenvalues`` [k]; ``eigenvectors`` [k, dim] float64 unit vectors (or None when not kept); ``residuals`` [k]
-    the explicit ‖Avᵢ − λᵢvᵢ‖ (an extra product per pair, not an estimate); ``converged`` [k] bool, residual ≤
-    :func:`thresholds`; ``matvecs``: products with A spent in total, the residual checks included.
+    the true ‖Avᵢ − λᵢvᵢ‖ of the products computed (never two consecutive estimates agreeing); ``converged`` [k]
+    bool, residual ≤ :func:`thresholds`; ``matvecs``: products with A spent in total.
     """
 
     eigenvalues: np.ndarray
@@ -96,13 +98,28 @@ def _check_positive(name: str, value: int) -> int:
     return int(value)
 
 
-def _apply(operator: Operator, v: torch.Tensor) -> torch.Tensor:
-    """``A v`` as a float64 tensor the caller owns (the algorithms update it in place)."""
-    out = operator.matvec(v)
-    if out.shape != v.shape:
-        raise ConfigError(f"operator.matvec returned shape {tuple(out.shape)} for input {tuple(v.shape)}")
-    out = out.to(torch.float64)
-    return out.clone() if out.data_ptr() == v.data_ptr() else out
+def _writes_into(operator: Operator) -> bool:
+    """Whether ``operator.matvec`` takes ``out=`` (a float64 [dim] tensor it writes ``Av`` into and returns)."""
+    try:
+        return "out" in inspect.signature(operator.matvec).parameters
+    except (TypeError, ValueError):  # a builtin without a signature
+        return False
+
+
+def _apply(operator: Operator, v: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """``A v`` as a float64 tensor the caller owns (the algorithms update it in place).
+
+    With ``out`` (float64 [dim], not ``v``'s storage) the product lands there: an operator that takes ``out=``
+    writes it directly, any other's result is copied. On a 22.7 M-parameter Hessian a fresh float64 vector costs
+    about as much to fault in as several copies into memory already touched (docs/hessian.md), hence the reuse.
+    """
+    result = operator.matvec(v, out=out) if out is not None and _writes_into(operator) else operator.matvec(v)
+    if result.shape != v.shape:
+        raise ConfigError(f"operator.matvec returned shape {tuple(result.shape)} for input {tuple(v.shape)}")
+    if out is not None:
+        return result if result.data_ptr() == out.data_ptr() else out.copy_(result)
+    result = result.to(torch.float64)
+    return result.clone() if result.data_ptr() == v.data_ptr() else result
 
 
 def _rademacher(count: int, dim: int, generator: torch.Generator, device: torch.device) -> torch.Tensor:
@@ -116,8 +133,9 @@ def _orthogonalize(w: torch.Tensor, basis: torch.Tensor) -> torch.Tensor:
     return _orthogonalize_with_norm(w, basis)[0]
 
 
-def _orthogonalize_with_norm(w: torch.Tensor, basis: torch.Tensor) -> tuple[torch.Tensor, float]:
-    """:func:`_orthogonalize` and ‖w‖ after it (the norm its test computes anyway: one pass over dim saved).
+def _orthogonalize_with_norm(w: torch.Tensor, basis: torch.Tensor) -> tuple[torch.Tensor, float, np.ndarray]:
+    """:func:`_orthogonalize`, ‖w‖ after it (the norm its test computes anyway: one pass over dim saved), and the
+    coefficients removed along each row of ``basis`` [m] (all passes summed: ``w_before = w_after + basisᵀ c``).
 
     Classical Gram–Schmidt, repeated once when the pass removed most of ``w`` (the criterion of Daniel, Gragg,
     Kaufman, Stewart 1976: ‖w_after‖ < ‖w_before‖/√2), which keeps ``w`` orthogonal to working accuracy. (One pass
@@ -125,15 +143,18 @@ def _orthogonalize_with_norm(w: torch.Tensor, basis: torch.Tensor) -> tuple[torc
     eigenvalue λ₁ grows by λ₁/|λ| at every later product; tests/analyses/test_hessian_spectral.py shows it.)
     """
     before = float(torch.linalg.vector_norm(w))
+    removed = np.zeros(basis.shape[0])
     if basis.shape[0] == 0:
-        return w, before
+        return w, before, removed
     for _ in range(2):
-        w.addmv_(basis.T, basis @ w, alpha=-1.0)
+        coefficients = basis @ w
+        w.addmv_(basis.T, coefficients, alpha=-1.0)
+        removed += coefficients.cpu().numpy()
         after = float(torch.linalg.vector_norm(w))
         if after >= before / math.sqrt(2):
             break
         before = after
-    return w, after
+    return w, after, removed
 
 
 class _Lanczos:
@@ -143,6 +164,13 @@ class _Lanczos:
     A qⱼ = β_{j−1} q_{j−1} + αⱼ qⱼ + βⱼ q_{j+1}; ``betas[-1]`` is the norm of the next residual (0 on breakdown:
     the Krylov space is invariant, and the next step restarts from a fresh random vector orthogonal to it, so T
     becomes block diagonal and repeated eigenvalues can still be found).
+
+    Besides T, every step records what it removed from its product, so that the computed quantities satisfy
+    A Q_m = Q_m H_m + β_m q_{m+1} e_mᵀ + D_m exactly up to float64 rounding of the vector operations:
+    ``coefficients`` [capacity, capacity], column j = the components of A qⱼ removed along q₁..qⱼ (α, β and every
+    reorthogonalisation pass: the tiny ones that T leaves out are where a product in float32 is not quite
+    symmetric), and ``dropped`` [capacity], the norm of the part of A qⱼ left out at a breakdown (the columns of
+    D). :meth:`residuals` reads the true residual of a Ritz pair from them, without another product.
     """
 
     def __init__(self, operator: Operator, start: torch.Tensor, capacity: int, generator: torch.Generator):
@@ -152,6 +180,8 @@ class _Lanczos:
         self.storage = torch.empty((capacity, operator.dim), dtype=torch.float64, device=self.device)
         self.alphas: list[float] = []
         self.betas: list[float] = []
+        self.coefficients = np.zeros((capacity, capacity))
+        self.dropped = np.zeros(capacity)
         self.matvecs = 0
         torch.div(start, torch.linalg.vector_norm(start), out=self.storage[0])
         self.exhausted = False  # the whole space is spanned
@@ -167,38 +197,67 @@ class _Lanczos:
     def step(self) -> None:
         m = self.steps
         q = self.storage[m]  # the next vector was written into this row by the previous step
-        w = _apply(self.operator, q)
+        capacity = self.storage.shape[0]
+        # The product goes straight into the next row, where it becomes q_{m+1} in place: no fresh vector per step.
+        w = _apply(self.operator, q, out=self.storage[m + 1] if m + 1 < capacity else None)
         self.matvecs += 1
         alpha = float(torch.dot(q, w))
+        column = np.zeros(m + 1)
         # The three-term recurrence removes the large components (α along q, β along the previous q, in one pass
         # over the two rows); the full pass then only removes rounding errors.
         if m > 0 and self.betas[m - 1] != 0.0:
             recurrence = torch.tensor([self.betas[m - 1], alpha], dtype=w.dtype, device=w.device)
             w.addmv_(self.storage[m - 1 : m + 1].T, recurrence, alpha=-1.0)
+            column[m - 1] = self.betas[m - 1]
         else:
             w.sub_(q, alpha=alpha)
-        w, beta = _orthogonalize_with_norm(w, self.storage[: m + 1])
+        column[m] = alpha
+        w, beta, removed = _orthogonalize_with_norm(w, self.storage[: m + 1])
+        self.coefficients[: m + 1, m] = column + removed
         self.alphas.append(alpha)
         scale = max(abs(alpha), *(abs(b) for b in self.betas), beta, 1e-300)
-        if m + 1 >= min(self.operator.dim, self.storage.shape[0]):
+        if m + 1 >= min(self.operator.dim, capacity):
             self.exhausted = m + 1 >= self.operator.dim  # the whole space is spanned
+            if self.exhausted:  # what is left of w is rounding; it stays in the residuals as dropped
+                self.dropped[m] = beta
             self.betas.append(0.0 if self.exhausted else beta)
             return
         if beta <= 1e-12 * scale:  # invariant subspace: restart orthogonally, with a zero coupling in T
             self.betas.append(0.0)
+            self.dropped[m] = beta
             fresh = _rademacher(1, self.operator.dim, self.generator, self.device)[0]
             fresh = _orthogonalize(fresh, self.storage[: m + 1])
             torch.div(fresh, torch.linalg.vector_norm(fresh), out=self.storage[m + 1])
             return
         self.betas.append(beta)
-        torch.div(w, beta, out=self.storage[m + 1])
+        w.div_(beta)  # w is storage[m + 1]: the next vector
+
+    def residuals(self, coords: np.ndarray, values: np.ndarray) -> np.ndarray:
+        """‖A y − θ y‖ for the Ritz vectors y = Q s, s the columns of ``coords`` [m, k], θ = ``values`` [k].
+
+        From A Q = Q H + β_m q_{m+1} e_mᵀ + D (class docstring) with [Q, q_{m+1}] orthonormal:
+        A y − θ y = Q (H s − θ s) + β_m s_m q_{m+1} + D s, so the residual is
+        √(‖H s − θ s‖² + (β_m s_m)²), plus at most Σⱼ |sⱼ| ‖dⱼ‖ when a breakdown dropped something (a bound then,
+        of the order of 1e-12 ‖A‖). It is the residual of the products actually computed, not an estimate from
+        T alone (which would miss the products' asymmetry), and it costs no product.
+        """
+        m = self.steps
+        hessenberg = self.coefficients[:m, :m].copy()
+        hessenberg[np.arange(1, m), np.arange(m - 1)] = self.betas[: m - 1]
+        inside = hessenberg @ coords - coords * values
+        outside = self.betas[m - 1] * coords[m - 1]
+        return np.sqrt((inside**2).sum(axis=0) + outside**2) + np.abs(coords).T @ self.dropped[:m]
 
     def state(self) -> dict[str, np.ndarray]:
-        """Everything the next steps depend on: the basis and the next vector, T's entries, the generator."""
+        """Everything the next steps depend on: the basis and the next vector, T's entries and the recorded
+        coefficients, the generator."""
+        m = self.steps
         return {
-            "basis": self.storage[: self.steps + 1].cpu().numpy(),
+            "basis": self.storage[: m + 1].cpu().numpy(),
             "alphas": np.asarray(self.alphas, dtype=np.float64),
             "betas": np.asarray(self.betas, dtype=np.float64),
+            "coefficients": self.coefficients[:m, :m].copy(),
+            "dropped": self.dropped[:m].copy(),
             "matvecs": np.int64(self.matvecs),
             "exhausted": np.bool_(self.exhausted),
             "generator": self.generator.get_state().numpy(),
@@ -212,6 +271,9 @@ class _Lanczos:
         self.storage[: rows.shape[0]] = rows
         self.alphas = [float(x) for x in state["alphas"]]
         self.betas = [float(x) for x in state["betas"]]
+        m = len(self.alphas)
+        self.coefficients[:m, :m] = np.asarray(state["coefficients"], dtype=np.float64)
+        self.dropped[:m] = np.asarray(state["dropped"], dtype=np.float64)
         self.matvecs = int(state["matvecs"])
         self.exhausted = bool(state["exhausted"])
         # cpu: a generator state is a CPU byte tensor
@@ -246,7 +308,10 @@ def _check_which(which: str) -> str:
 
 
 def _start_vector(operator: Operator, generator: torch.Generator) -> torch.Tensor:
-    return torch.randn(operator.dim, generator=generator, dtype=torch.float64).to(_device(operator))
+    """A seeded Gaussian [dim] float64, drawn in float32: a start needs no more precision, and float64 normal draws
+    cost three times as much (a second per start on 22.7 M parameters, a tenth of a top-1 Hessian run)."""
+    draws = torch.randn(operator.dim, generator=generator, dtype=torch.float32)  # cpu: seeded draws, moved
+    return draws.to(device=_device(operator), dtype=torch.float64)
 
 
 def lanczos(
@@ -263,12 +328,12 @@ def lanczos(
 ) -> EigenResult:
     """The k eigenpairs of A selected by ``which`` (LA largest algebraic, SA smallest, LM largest magnitude).
 
-    Runs at most ``max_iter`` Lanczos steps (default ``min(dim, max(2k + 20, 40))``) from a seeded Gaussian start. After
-    each step the Ritz pairs of T are checked with the a-posteriori bound |βₘ sₘᵢ|; when all k are below
-    :func:`thresholds` (scale: the largest |Ritz value|) the Ritz vectors are formed and their residuals computed
-    explicitly (k products); if one fails, iterating resumes. The returned residuals and ``converged`` flags are
-    always the explicit ones.
-    Memory: the float64 basis, ``max_iter × dim × 8`` bytes.
+    Runs at most ``max_iter`` Lanczos steps (default ``min(dim, max(2k + 20, 40))``) from a seeded Gaussian start.
+    After each step the true residuals ‖Ay − θy‖ of the k wanted Ritz pairs are read from the products already
+    computed (:meth:`_Lanczos.residuals`: no extra product); it stops when all k are below :func:`thresholds`
+    (scale: the largest |Ritz value|), or after ``max_iter`` steps with the unconverged pairs flagged. Every
+    product is a Lanczos step: ``matvecs`` = steps.
+    Memory: the float64 basis, ``max_iter × dim × 8`` bytes (rows are touched as the steps reach them).
 
     Resuming: ``keep`` is called before every step with a function that returns the iteration's state; handed back
     as ``state`` (same operator, k, which, max_iter, tol and seed), the iteration continues from it bitwise.
@@ -284,42 +349,38 @@ def lanczos(
     max_iter = max(min(max_iter, dim), k)
     generator = torch.Generator().manual_seed(seed)
     krylov = _Lanczos(operator, _start_vector(operator, generator), max_iter, generator)
-    extra_matvecs = 0
-    if state is not None:
+    # A state saved before the coefficients were recorded cannot give residuals: such an analysis starts over.
+    if state is not None and "coefficients" in state:
         krylov.restore(state)
-        extra_matvecs = int(state["extra_matvecs"])
     while True:
         if keep is not None and krylov.steps > 0:
-            keep(lambda extra=extra_matvecs: {**krylov.state(), "extra_matvecs": np.int64(extra)})
+            keep(krylov.state)
         krylov.step()
         m = krylov.steps
         if m < k:
             continue
+        finished = m >= max_iter or krylov.exhausted
+        if krylov.betas[-1] == 0.0 and not finished:  # T holds an invariant block only: go on
+            continue
         ritz_values, ritz_coords = krylov.ritz()
         chosen = _select(ritz_values, k, which)
-        bound = np.abs(krylov.betas[-1] * ritz_coords[-1, chosen])
-        limits = thresholds(tol, ritz_values[chosen], float(np.abs(ritz_values).max()))
-        finished = m >= max_iter or krylov.exhausted
-        just_restarted = krylov.betas[-1] == 0.0 and not finished  # T holds an invariant block only: go on
-        if just_restarted or not (finished or np.all(bound <= limits)):
+        coords, values = ritz_coords[:, chosen], ritz_values[chosen]
+        residuals = krylov.residuals(coords, values)
+        converged = residuals <= thresholds(tol, values, float(np.abs(ritz_values).max()))
+        if not (converged.all() or finished):
             continue
-        coords = torch.as_tensor(ritz_coords[:, chosen].T.copy(), device=krylov.device)  # [k, m]
-        vectors = coords @ krylov.basis  # [k, dim]
-        vectors = vectors / torch.linalg.vector_norm(vectors, dim=1, keepdim=True)
-        residuals = np.empty(k)
-        for i in range(k):
-            image = _apply(operator, vectors[i])
-            extra_matvecs += 1
-            residuals[i] = float(torch.linalg.vector_norm(image - float(ritz_values[chosen[i]]) * vectors[i]))
-        converged = residuals <= limits
-        if converged.all() or finished:
-            return EigenResult(
-                eigenvalues=ritz_values[chosen].copy(),
-                eigenvectors=vectors if return_eigenvectors else None,
-                residuals=residuals,
-                converged=converged,
-                matvecs=krylov.matvecs + extra_matvecs,
-            )
+        vectors = None
+        if return_eigenvectors:
+            vectors = torch.as_tensor(coords.T.copy(), device=krylov.device) @ krylov.basis  # [k, dim]
+            norms = torch.linalg.vector_norm(vectors, dim=1, keepdim=True)
+            vectors /= norms  # ‖Q s‖ = 1 up to rounding: Q is orthonormal to working accuracy
+        return EigenResult(
+            eigenvalues=values.copy(),
+            eigenvectors=vectors,
+            residuals=residuals,
+            converged=converged,
+            matvecs=krylov.matvecs,
+        )
 
 
 def power_iteration(

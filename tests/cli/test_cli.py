@@ -1,6 +1,7 @@
 """The ``landscape`` command: a pinned smoke run of the real console script, kill -9 and resume, bad inputs."""
 
 import json
+import os
 import pickle
 import subprocess
 import sys
@@ -187,6 +188,37 @@ def test_argparse_errors_are_one_line_with_status_2():
     proc = run_cli("train", "--optimizer", "lamb")
     assert proc.returncode == 2
     assert len(proc.stderr.strip().splitlines()) == 1 and "invalid choice" in proc.stderr
+
+
+HUGE_PAGE_PROBE = """
+import landscape.cli, torch  # the CLI's package first, as the console script imports it
+block = torch.ones(50_000_000)  # 200 MB
+print(next(line.split()[1] for line in open("/proc/self/smaps_rollup") if line.startswith("AnonHugePages")))
+"""
+
+
+@pytest.mark.skipif(
+    "[madvise]" not in Path("/sys/kernel/mm/transparent_hugepage/enabled").read_text()
+    if Path("/sys/kernel/mm/transparent_hugepage/enabled").exists()
+    else True,
+    reason="needs a kernel whose transparent huge pages are on madvise",
+)
+def test_the_cli_asks_for_huge_pages_unless_the_user_said_otherwise():
+    """Importing the CLI sets THP_MEM_ALLOC_ENABLE=1 before torch reads it: a large tensor then lies in 2 MiB
+    pages; a user's THP_MEM_ALLOC_ENABLE=0 is kept (no huge pages)."""
+    environment = {key: value for key, value in os.environ.items() if key != "THP_MEM_ALLOC_ENABLE"}
+    default = subprocess.run([sys.executable, "-c", HUGE_PAGE_PROBE], capture_output=True, text=True, env=environment)
+    declined = subprocess.run(
+        [sys.executable, "-c", HUGE_PAGE_PROBE],
+        capture_output=True,
+        text=True,
+        env={**environment, "THP_MEM_ALLOC_ENABLE": "0"},
+    )
+    assert default.returncode == declined.returncode == 0, default.stderr + declined.stderr
+    assert int(default.stdout) >= 100_000  # kB: most of the 200 MB block
+    assert int(declined.stdout) == 0
+    shown = json.loads(run_cli("env", "--json", env=environment).stdout)
+    assert shown["environment"]["THP_MEM_ALLOC_ENABLE"] == "1"
 
 
 def test_env_reports_versions_and_threads(capsys):
