@@ -34,10 +34,13 @@ Goals (PASS/FAIL printed beside the measured values): SAM ≤ 2.0× AdamW; effic
 ≤ 1.10× SAM; δ-SAM ≤ 1.12× SAM; our SAM no slower than pytorch-optimizer's (ratio ≤ 1.0 within noise); FSAM peak
 memory ≤ 1.2× AdamW; the Fisher (layer path) ≥ 3× faster than the loop (values within 1e-5 relative on large entries).
 
-Run from the repository root::
+Run from the repository root, with PyTorch's huge pages on as the ``landscape`` command sets them
+(``landscape/cli/__init__.py``; every optimizer, the children included, runs under the same setting, which the report
+records: without it each fresh gradient or ε tensor is faulted in 4 KiB pages, which costs the two-pass optimizers
+more than AdamW)::
 
-    HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/optimizer_overhead.py --data-dir ../shared/data \\
-        --steps 20 --warmup 3 --out benchmarks/results/optimizer_overhead.json
+    HF_HUB_OFFLINE=1 THP_MEM_ALLOC_ENABLE=1 .venv/bin/python benchmarks/optimizer_overhead.py \\
+        --data-dir ../shared/data --steps 20 --warmup 3 --out benchmarks/results/optimizer_overhead.json
 
 On the 2-core development machine this took 11 minutes with ``--threads 1`` and 42 minutes with torch's default of 2
 threads while another training run used both cores. When other work shares the cores, pass ``--threads 1``: with
@@ -648,7 +651,8 @@ def markdown(report: dict[str, Any]) -> str:
         "",
         f"{report['date']} · torch {report['torch']} · {report['threads']} threads · {report['machine']['cpu']} "
         f"({report['machine']['cpu_count']} CPUs) · load average at start {report['machine']['loadavg_start']}, "
-        f"at end {report['machine']['loadavg_end']} · {report['elapsed_seconds'] / 60:.1f} min",
+        f"at end {report['machine']['loadavg_end']} · {report['elapsed_seconds'] / 60:.1f} min · "
+        f"THP_MEM_ALLOC_ENABLE={report.get('thp_mem_alloc_enable') or 'unset'}",
         "",
         f"Batches of {args['batch_size']} CoLA training examples (dynamic padding), MiniLM in train mode (dropout on), "
         f"{args['warmup']} warm-up + {args['steps']} kept interleaved repetitions, lr {args['lr']}, no clipping. "
@@ -877,6 +881,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         "versions": environment_versions(),
         "git_revision": git_revision(),
         "command": [sys.executable, *sys.argv],
+        "thp_mem_alloc_enable": os.environ.get("THP_MEM_ALLOC_ENABLE"),
         "machine": {
             "cpu": cpu_name(),
             "cpu_count": os.cpu_count(),
