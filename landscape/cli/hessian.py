@@ -24,7 +24,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         "hessian",
         help="Hessian eigenvalues, trace and spectral density of a run",
         description="The Hessian of the mean loss over a fixed, seeded subset of examples, in eval mode, at a run's "
-        "weights: top-k eigenvalues by Lanczos with explicit residuals, Hutchinson / Hutch++ trace, and the spectral "
+        "weights: top-k eigenvalues by Lanczos with true residuals, Hutchinson / Hutch++ trace, and the spectral "
         "density by stochastic Lanczos quadrature. The model is loaded with eager attention (double backward).",
     )
     parser.add_argument("run_dir", metavar="RUN", help=RUN_HELP)

@@ -215,7 +215,9 @@ def test_the_cli_asks_for_huge_pages_unless_the_user_said_otherwise():
         env={**environment, "THP_MEM_ALLOC_ENABLE": "0"},
     )
     assert default.returncode == declined.returncode == 0, default.stderr + declined.stderr
-    assert int(default.stdout) >= 100_000  # kB: most of the 200 MB block
+    # kB. At least one 2 MiB page, not most of the block: the kernel may fall back to small pages where it finds
+    # no free 2 MiB run, while without the setting nothing at all is huge.
+    assert int(default.stdout) >= 2048
     assert int(declined.stdout) == 0
     shown = json.loads(run_cli("env", "--json", env=environment).stdout)
     assert shown["environment"]["THP_MEM_ALLOC_ENABLE"] == "1"
