@@ -8,7 +8,7 @@ Models" (FSAM), §3.2:
 
 ``mode="per-example"`` is Eq. 9. Its squared per-example gradients come from one forward and one backward per batch
 through the layers' own inputs and output gradients (:mod:`analyses.per_example`: Linear, Embedding, LayerNorm and
-GPT-2's Conv1D, each proven exact on the first batch); a parameter that path does not cover is computed with
+GPT-2's Conv1D, each proven exact on two examples first); a parameter that path does not cover is computed with
 per-example gradients vectorised by ``torch.func`` (``vmap`` over ``grad`` of a ``functional_call``).
 ``mode="batch-mean"`` is what the authors' public code computes instead, the square
 of each mini-batch's mean gradient, ``(1/K) Σ_k (∇_w mean_{i∈B_k} −log p(y_i | x_i))²``; it is here to compare the two.
@@ -93,7 +93,8 @@ def empirical_fisher(
     :func:`~landscape.data.losses.per_example_loss`'s squared error).
 
     ``mode="per-example"``: the layer path holds one batch's activations (as a backward does) and one
-    [``chunk_size``, out, in] block of per-example weight gradients at a time; the ``vmap`` path, for parameters the
+    [``chunk_size``, out, in] block of per-example weight gradients at a time on an accelerator (one example's on the
+    CPU, where that is faster: :func:`~analyses.per_example.uses_blocks`); the ``vmap`` path, for parameters the
     layer path does not cover, ``chunk_size`` per-example gradients of those parameters. ``params`` selects
     parameters by name among those with ``requires_grad`` (default: all of them). The model is left exactly as it was.
     ``chunk_size`` None: chosen from the device's free memory (:func:`~analyses.per_example.auto_chunk_size`); the
@@ -208,7 +209,7 @@ def _batch_mean_fisher(
         raise ConfigError("no batches to compute the Fisher on; expected at least one non-empty batch")
     # Averaged over batches, not examples: each batch contributes one squared mean gradient.
     return FisherResult(
-        diagonal={name: (total / num_batches).to(torch.float32) for name, total in sums.items()},
+        diagonal={name: total.div_(num_batches).to(torch.float32) for name, total in sums.items()},
         num_examples=count,
         mode="batch-mean",
     )
@@ -301,8 +302,9 @@ def _checked_batch(batch: Any, index: int, device: torch.device) -> dict[str, to
 def _result(sums: dict[str, torch.Tensor], count: int, mode: str, chunk_size: int | None = None) -> FisherResult:
     if count == 0:
         raise ConfigError("no examples to compute the Fisher on; expected at least one non-empty batch")
+    # In place: the sums are this function's own, and a second model-sized copy would raise the refresh's peak.
     return FisherResult(
-        diagonal={name: (total / count).to(torch.float32) for name, total in sums.items()},
+        diagonal={name: total.div_(count).to(torch.float32) for name, total in sums.items()},
         num_examples=count,
         mode=mode,
         chunk_size=chunk_size,
@@ -320,32 +322,99 @@ def fisher_mask(diagonal: dict[str, torch.Tensor], sparsity: float) -> dict[str,
     Eq. 10 (m1, the top k) and Eq. 11 (m0, the rest). Exactly k coordinates are True; among equal values the one
     earlier in the concatenation of the flattened tensors (in ``diagonal``'s order) wins, so ties are deterministic.
     Returns bool tensors of the same names and shapes. ``sparsity`` s must be in [0, 1); s = 0 keeps everything.
+    Memory: the mask, and some of the values (:func:`kth_largest`), never a copy of all of them.
     """
     s = check_sparsity(sparsity)
     if not diagonal:
         raise ConfigError("the Fisher diagonal is empty; expected at least one parameter")
     dtype = functools.reduce(torch.promote_types, (value.dtype for value in diagonal.values()))
-    flat = torch.cat([value.detach().reshape(-1).to(dtype) for value in diagonal.values()])
-    if not bool(torch.isfinite(flat).all()):
+    scores = [value.detach().to(dtype) for value in diagonal.values()]  # no copy when the dtype is already that
+    if not all(bool(torch.isfinite(value).all()) for value in scores):
         raise ConfigError("the Fisher diagonal has non-finite values; expected finite scores")
-    total = flat.numel()
+    total = sum(value.numel() for value in scores)
     k = round((1.0 - s) * total)
     if k >= total:
-        keep = torch.ones(total, dtype=torch.bool, device=flat.device)
+        keep = [torch.ones(value.shape, dtype=torch.bool, device=value.device) for value in scores]
     elif k == 0:
-        keep = torch.zeros(total, dtype=torch.bool, device=flat.device)
+        keep = [torch.zeros(value.shape, dtype=torch.bool, device=value.device) for value in scores]
     else:
-        # The k-th largest value is the (total − k + 1)-th smallest. Everything above it is kept; of the values equal
-        # to it, the first ones by index until k are reached (topk's own tie order is unspecified).
-        threshold = torch.kthvalue(flat, total - k + 1).values
-        keep = flat > threshold
-        missing = k - int(keep.sum())
-        # The first `missing` of the values equal to the threshold, by index (a cumsum over every coordinate would
-        # allocate 8 bytes per coordinate: 180 MB for MiniLM at each refresh).
-        ties = torch.nonzero(flat == threshold).flatten()[:missing]
-        keep[ties] = True
-    pieces = torch.split(keep, [value.numel() for value in diagonal.values()])
-    return {name: piece.reshape(value.shape) for (name, value), piece in zip(diagonal.items(), pieces, strict=True)}
+        # Everything above the k-th largest value is kept; of the values equal to it, the first ones by index until
+        # k are reached (topk's own tie order is unspecified).
+        threshold = kth_largest(scores, k)
+        keep = [value > threshold for value in scores]
+        missing = k - sum(int(torch.count_nonzero(kept)) for kept in keep)
+        for value, kept in zip(scores, keep, strict=True):
+            if missing == 0:
+                break
+            ties = torch.nonzero(value.reshape(-1) == threshold).flatten()[:missing]
+            kept.view(-1)[ties] = True
+            missing -= len(ties)
+    return {name: kept.reshape(value.shape) for (name, value), kept in zip(diagonal.items(), keep, strict=True)}
+
+
+#: up to this many values, :func:`kth_largest` selects among all of them at once (a copy of that size is small)
+DIRECT_SELECTION_MAX = 1 << 20
+#: values drawn to bracket the k-th largest before the exact selection
+SELECTION_SAMPLE = 1 << 16
+
+
+def kth_largest(values: list[torch.Tensor], k: int) -> torch.Tensor:
+    """The k-th largest of all the values of ``values`` (tensors of one dtype, any shapes), 1 ≤ k ≤ their number,
+    as a 0-d tensor: exactly ``torch.kthvalue`` of their concatenation at rank n − k + 1.
+
+    Above ``DIRECT_SELECTION_MAX`` values no concatenation is made (for MiniLM's 22.7 M Fisher values it and the
+    selection's own copy were 180 MB at every mask refresh): a seeded sample of ``SELECTION_SAMPLE`` values brackets
+    the answer, every value on the answer's side of the bracket is gathered (the smaller of k and n − k + 1, and six
+    standard errors of the sample's quantile more: at most 1.2 % of n), and the selection runs on those. The count
+    of the gathered values proves the bracket holds the answer; a bracket that does not is widened, at worst to
+    every value, so the result never depends on the sample.
+    """
+    total = sum(value.numel() for value in values)
+    if not 1 <= k <= total:
+        raise ConfigError(f"k must be between 1 and the number of values {total}, got {k}")
+    rank = total - k + 1  # from the smallest, as kthvalue counts
+    if total <= DIRECT_SELECTION_MAX:
+        return torch.kthvalue(torch.cat([value.reshape(-1) for value in values]), rank).values
+    from_top = k <= rank  # gather the side with fewer values: the k largest, or the `rank` smallest
+    needed = k if from_top else rank
+    ordered = torch.sort(_sample_values(values, total), descending=from_top).values
+    q = needed / total
+    for margin in (6.0, 24.0, None):
+        # A sample's order statistic misses its population's by about sqrt(m q (1 - q)) places of m: the bound is
+        # taken `margin` of those beyond where the answer is expected, on the far side.
+        m = len(ordered)
+        reach = m if margin is None else math.ceil((q + margin * math.sqrt(q * (1 - q) / m)) * m)
+        bound = ordered[reach] if reach < m else None  # None: every value
+        candidates = _gather_beyond(values, bound, from_top)
+        if candidates.numel() >= needed:
+            break
+    index = candidates.numel() - k + 1 if from_top else rank
+    return torch.kthvalue(candidates, index).values
+
+
+def _sample_values(values: list[torch.Tensor], total: int) -> torch.Tensor:
+    """``SELECTION_SAMPLE`` values drawn uniformly (with replacement) over all coordinates, on the CPU, seeded."""
+    generator = torch.Generator().manual_seed(0)
+    drawn = torch.randint(total, (SELECTION_SAMPLE,), generator=generator).sort().values
+    pieces, offset = [], 0
+    for value in values:
+        n = value.numel()
+        inside = drawn[(drawn >= offset) & (drawn < offset + n)] - offset
+        if len(inside):
+            pieces.append(value.reshape(-1)[inside.to(value.device)].cpu())
+        offset += n
+    return torch.cat(pieces)
+
+
+def _gather_beyond(values: list[torch.Tensor], bound: torch.Tensor | None, from_top: bool) -> torch.Tensor:
+    """The values at least ``bound`` (``from_top``) or at most it, concatenated; every value when it is None."""
+    if bound is None:
+        return torch.cat([value.reshape(-1) for value in values])
+    pieces = []
+    for value in values:
+        flat = value.reshape(-1)
+        pieces.append(flat[flat >= bound.to(flat.device)] if from_top else flat[flat <= bound.to(flat.device)])
+    return torch.cat(pieces)
 
 
 def mask_statistics(mask: dict[str, torch.Tensor], previous: dict[str, torch.Tensor] | None = None) -> dict[str, Any]:
@@ -400,7 +469,7 @@ def _per_layer_fraction(mask: dict[str, torch.Tensor]) -> dict[str, float]:
     total: dict[str, int] = {}
     for name, value in mask.items():
         layer = layer_of(name)
-        kept[layer] = kept.get(layer, 0) + int(value.sum())
+        kept[layer] = kept.get(layer, 0) + int(torch.count_nonzero(value))
         total[layer] = total.get(layer, 0) + value.numel()
     return {layer: _fraction(kept[layer], total[layer]) for layer in total}
 
@@ -424,9 +493,10 @@ def _overlap(mask: dict[str, torch.Tensor], previous: dict[str, torch.Tensor]) -
         if value.shape != other.shape:
             raise ConfigError(f"mask {name} has shape {tuple(value.shape)} vs {tuple(other.shape)}; expected equal")
         other = other.to(value.device)
-        intersection += int((value & other).sum())
-        union += int((value | other).sum())
-        previous_kept += int(other.sum())
+        both = int(torch.count_nonzero(value & other))  # count_nonzero: a bool .sum() would make an int64 copy
+        intersection += both
+        union += int(torch.count_nonzero(value)) + int(torch.count_nonzero(other)) - both
+        previous_kept += int(torch.count_nonzero(other))
     return intersection, union, previous_kept
 
 

@@ -351,9 +351,21 @@ def numpy_reference_mask(diagonal: dict[str, torch.Tensor], sparsity: float) -> 
     return expected
 
 
+@pytest.fixture(params=["direct", "bracketed"])
+def selection(request, monkeypatch):
+    """The k-th largest among all values at once, or (as above a million values) bracketed by a sample first: a
+    sample of 8 here, so that brackets are often wrong and widened."""
+    import analyses.fisher as fisher_module
+
+    if request.param == "bracketed":
+        monkeypatch.setattr(fisher_module, "DIRECT_SELECTION_MAX", 0)
+        monkeypatch.setattr(fisher_module, "SELECTION_SAMPLE", 8)
+    return request.param
+
+
 @pytest.mark.parametrize("ties", [False, True], ids=["distinct", "ties"])
 @pytest.mark.parametrize("sparsity", [0.0, 0.1, 0.37, 0.5, 0.9, 0.99, 0.999])
-def test_fisher_mask_keeps_exactly_the_top_k(sparsity, ties):
+def test_fisher_mask_keeps_exactly_the_top_k(sparsity, ties, selection):
     for seed in range(3):
         diagonal = random_diagonal(seed, ties=ties)
         mask = fisher_mask(diagonal, sparsity)
@@ -370,7 +382,7 @@ def test_fisher_mask_keeps_exactly_the_top_k(sparsity, ties):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16])
-def test_fisher_mask_of_signed_scores_and_other_dtypes(dtype):
+def test_fisher_mask_of_signed_scores_and_other_dtypes(dtype, selection):
     """Negative values, −0 = +0 and every float dtype are ordered as the floats are: the same mask as a stable sort
     (numpy, float64) of the same values, ties by index."""
     generator = torch.Generator().manual_seed(4)
@@ -381,6 +393,33 @@ def test_fisher_mask_of_signed_scores_and_other_dtypes(dtype):
     for sparsity in (0.1, 0.5, 0.77, 0.9):
         flat = np.concatenate([m.numpy().ravel() for m in fisher_mask(diagonal, sparsity).values()])
         np.testing.assert_array_equal(flat, numpy_reference_mask(reference, sparsity))
+
+
+def test_kth_largest_is_exact_whatever_the_sample_and_gathers_little_more_than_the_side_it_needs(monkeypatch):
+    import analyses.fisher as fisher_module
+    from analyses.fisher import DIRECT_SELECTION_MAX, kth_largest
+
+    generator = torch.Generator().manual_seed(5)
+    values = [torch.rand(DIRECT_SELECTION_MAX, generator=generator).square(), torch.rand(700, 900, generator=generator)]
+    flat = torch.cat([value.reshape(-1) for value in values])
+    total = flat.numel()
+    selected: list[int] = []
+    real_kthvalue = torch.kthvalue
+    monkeypatch.setattr(torch, "kthvalue", lambda t, k: selected.append(t.numel()) or real_kthvalue(t, k))
+    for fraction in (0.1, 0.01, 0.9):  # the top k, or (k above half) the n - k + 1 smallest, are gathered
+        k = round(fraction * total)
+        selected.clear()
+        assert float(kth_largest(values, k)) == float(real_kthvalue(flat, total - k + 1).values)
+        # never a copy of all of them: the side needed, and 6 standard errors of the sample's quantile (≤ 1.2 % of n)
+        assert len(selected) == 1 and selected[0] <= min(k, total - k + 1) + 0.012 * total
+    # A sample that misleads (all of it the largest value, then the smallest) only costs widening: still exact.
+    for misleading in (flat.max(), flat.min()):
+        monkeypatch.setattr(fisher_module, "_sample_values", lambda v, n, m=misleading: m.repeat(64))
+        for fraction in (0.1, 0.9):
+            k = round(fraction * total)
+            assert float(kth_largest(values, k)) == float(real_kthvalue(flat, total - k + 1).values)
+    with pytest.raises(ConfigError, match="k must be between 1"):
+        kth_largest(values, 0)
 
 
 def test_fisher_mask_zero_sparsity_keeps_everything_and_bad_sparsity_fails():
