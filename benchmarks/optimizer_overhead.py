@@ -709,7 +709,8 @@ def markdown(report: dict[str, Any]) -> str:
         "",
         "| computation | median s | runs (s) |",
         "|---|---:|---|",
-        f"| `empirical_fisher` (layer path), chunk {fisher['chunk_size']} | {fisher['vectorised']['median']:.2f} | "
+        f"| `empirical_fisher` (layer path: one example at a time on the CPU, blocks of {fisher['chunk_size']} on an "
+        f"accelerator) | {fisher['vectorised']['median']:.2f} | "
         + ", ".join(f"{s:.2f}" for s in fisher["vectorised_seconds"])
         + " |",
         f"| `empirical_fisher_loop` | {fisher['loop']['median']:.2f} | "
@@ -815,7 +816,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--mask-interval", type=int, default=100, help="FSAM F_i")
     parser.add_argument("--fisher-samples", type=int, default=128, help="FSAM N_Fisher")
     parser.add_argument(
-        "--fisher-chunk", type=int, default=32, help="chunk of per-example weight gradients in the Fisher comparison"
+        "--fisher-chunk",
+        type=int,
+        default=32,
+        help="chunk of per-example gradients in the Fisher comparison (the layer path's on accelerators only)",
     )
     parser.add_argument("--fisher-repeats", type=int, default=3)
     parser.add_argument("--bookkeeping-repeats", type=int, default=10)
