@@ -395,6 +395,7 @@ def kth_largest(values: list[torch.Tensor], k: int) -> torch.Tensor:
 def _sample_values(values: list[torch.Tensor], total: int) -> torch.Tensor:
     """``SELECTION_SAMPLE`` values drawn uniformly (with replacement) over all coordinates, on the CPU, seeded."""
     generator = torch.Generator().manual_seed(0)
+    # cpu: a seeded draw of indices (the CPU generator gives the same sample on every device); each piece is moved
     drawn = torch.randint(total, (SELECTION_SAMPLE,), generator=generator).sort().values
     pieces, offset = [], 0
     for value in values:
